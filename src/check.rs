@@ -1,0 +1,88 @@
+//! `snigress check`: validate a config, and explain the decision for a name.
+
+use std::fmt::Write;
+
+use crate::config::{Config, ConfigError, MtlsSource};
+use crate::identity::Principal;
+use crate::name::ServerName;
+use crate::policy::{Action, Decision, Match, Policy};
+
+/// Loads what `run` would load short of binding: the certificate files (or
+/// an existing dev PKI). Returns a one-paragraph summary.
+pub fn validate(config: &Config) -> Result<String, ConfigError> {
+    let needs_outer = config.listeners.iter().any(|l| l.mode == crate::config::Mode::Mtls);
+    let mut notes = String::new();
+    if let (Some(settings), true) = (config.outer_settings(), needs_outer) {
+        let dev_pki_pending = match config.mtls.as_ref().map(|m| &m.source) {
+            Some(MtlsSource::DevPki(dir)) => !dir.join(crate::devcerts::GATEWAY_CERT).exists(),
+            _ => false,
+        };
+        if dev_pki_pending {
+            notes.push_str("; the dev PKI will be minted on first run");
+        } else {
+            crate::mtls::server_config(&settings).map_err(|e| config.material_error(&e))?;
+        }
+    }
+    let listeners: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| format!("{} ({} on {}, upstream port {})", l.name, l.mode.as_str(), l.address, l.upstream_port))
+        .collect();
+    Ok(format!(
+        "config OK: listeners {}; policy: {} allow, {} deny, {} rules{notes}",
+        listeners.join(", "),
+        config.policy.allow.len(),
+        config.policy.deny.len(),
+        config.policy.rules.len()
+    ))
+}
+
+fn describe(m: &Match) -> String {
+    let scope = match &m.rule {
+        None => format!("policy.{}", m.action.as_str()),
+        Some(rule) => format!("rule {rule:?}"),
+    };
+    format!("{} {:?} ({scope})", m.action.as_str(), &*m.pattern)
+}
+
+/// The decision for `sni` (and `principal`), as lines of `key: value`.
+pub fn explain(config: &Config, sni: &str, principal: Option<&Principal>) -> String {
+    let mut out = String::new();
+    let who = principal.map_or("(none)".to_owned(), |p| p.uri().to_owned());
+    let _ = writeln!(out, "sni: {sni}");
+    let _ = writeln!(out, "principal: {who}");
+    let name = match ServerName::parse(sni) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = writeln!(out, "decision: denied\nreason: invalid_sni\nwhy: {e}; refused before matching");
+            return out;
+        }
+    };
+    let policy = Policy::compile(&config.policy);
+    let matches = policy.explain(&name, principal);
+    let (decision, reason, why) = match policy.decide(&name, principal) {
+        Decision::Allowed(m) => ("allowed", "allowed", format!("{} matches and no deny pattern does", describe(&m))),
+        Decision::Denied(m) => {
+            let overridden: Vec<String> =
+                matches.iter().filter(|x| x.action == Action::Allow).map(describe).collect();
+            let mut why = format!("{} matches; deny wins", describe(&m));
+            if !overridden.is_empty() {
+                let _ = write!(why, " over {}", overridden.join(", "));
+            }
+            ("denied", "policy_denied", why)
+        }
+        Decision::NotAllowed => {
+            ("denied", "policy_denied", "no allow pattern matches; a name nothing matches is denied".to_owned())
+        }
+    };
+    let _ = writeln!(out, "decision: {decision}\nreason: {reason}");
+    let matched = match policy.decide(&name, principal) {
+        Decision::Allowed(m) | Decision::Denied(m) => m.label(),
+        Decision::NotAllowed => "(none)".into(),
+    };
+    let _ = writeln!(out, "matched_rule: {matched}\nwhy: {why}");
+    if name.as_str() != sni {
+        let _ = writeln!(out, "note: compared as {name} (lower case, trailing dot removed)");
+    }
+    out
+}

@@ -1,0 +1,310 @@
+//! One connection, start to end: the stages in data-path order, and the one
+//! access record every connection leaves, whatever path it takes.
+//!
+//! ```text
+//! outer mTLS (mtls listeners) -> inner ClientHello -> name -> policy
+//!   -> resolve + vet -> connect -> replay + splice
+//! ```
+//! Any stage may end the connection; a refusal on the inner layer sends a
+//! fatal TLS alert first, so the client sees why.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::access_log::{Record, printable, rfc3339};
+use crate::config::{Limits, Mode, Timeouts};
+use crate::connect::connect;
+use crate::identity::Principal;
+use crate::mtls::Outer;
+use crate::name::ServerName;
+use crate::policy::{Decision, Policy};
+use crate::resolve::{ResolveError, Resolver};
+use crate::sni::{HelloReader, Progress, alert};
+use crate::splice::{Transfer, splice};
+
+/// Bounds the wait for a refused client to take its alert: the alert is a
+/// few bytes, so only a client that stopped reading takes this long.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// Most bytes read and discarded from a refused client while lingering.
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
+/// Read size while collecting the ClientHello.
+const HELLO_READ_CHUNK: usize = 4096;
+
+/// Everything a new connection needs, built from one config; replaced as a
+/// whole when the config changes, so a connection sees one consistent set.
+pub struct State {
+    pub policy: Policy,
+    pub resolver: Resolver,
+    /// The outer layer, when any listener is in mtls mode.
+    pub outer: Option<Outer>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+/// The listener a connection arrived on.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    pub name: Arc<str>,
+    pub mode: Mode,
+    pub upstream_port: u16,
+}
+
+/// The end of a connection: decision, reason, how it ended.
+struct Outcome {
+    decision: &'static str,
+    reason: &'static str,
+    termination: &'static str,
+    detail: Option<String>,
+}
+
+impl Outcome {
+    fn refused(reason: &'static str, detail: impl Into<String>) -> Outcome {
+        Outcome { decision: "denied", reason, termination: "refused", detail: Some(detail.into()) }
+    }
+
+    fn error(reason: &'static str, termination: &'static str, detail: impl Into<String>) -> Outcome {
+        Outcome { decision: "error", reason, termination, detail: Some(detail.into()) }
+    }
+}
+
+/// What has been learned about the connection so far.
+#[derive(Default)]
+struct Facts {
+    principal: Option<Principal>,
+    outer_sni: Option<String>,
+    sni: Option<String>,
+    ech: bool,
+    matched_rule: Option<String>,
+    upstream_addr: Option<SocketAddr>,
+}
+
+/// Runs one accepted connection to its end and returns its access record.
+pub async fn handle(tcp: TcpStream, client_addr: SocketAddr, listener: &ListenerInfo, state: Arc<State>) -> Record {
+    let started = (SystemTime::now(), Instant::now());
+    let transfer = Transfer::default();
+    let mut facts = Facts::default();
+    let outcome = match listener.mode {
+        Mode::Passthrough => inner(tcp, listener, &state, &transfer, &mut facts).await,
+        Mode::Mtls => match state.outer.as_ref() {
+            None => Outcome::error("internal_error", "refused", "mtls listener without outer TLS settings"),
+            Some(outer) => match outer.accept(tcp).await {
+                Ok((tls, peer)) => {
+                    facts.principal = Some(peer.principal);
+                    facts.outer_sni = peer.outer_sni;
+                    inner(tls, listener, &state, &transfer, &mut facts).await
+                }
+                Err(e) => {
+                    let termination =
+                        if e.reason() == "outer_handshake_timeout" { "handshake_timeout" } else { "handshake_failed" };
+                    Outcome { decision: "denied", reason: e.reason(), termination, detail: Some(e.to_string()) }
+                }
+            },
+        },
+    };
+    record(started, client_addr, listener, facts, outcome, &transfer)
+}
+
+/// The record for a connection refused before its task started (the
+/// connection limit).
+pub fn refused_at_accept(client_addr: SocketAddr, listener: &ListenerInfo, reason: &'static str, detail: &str) -> Record {
+    let started = (SystemTime::now(), Instant::now());
+    let outcome = Outcome::refused(reason, detail);
+    record(started, client_addr, listener, Facts::default(), outcome, &Transfer::default())
+}
+
+fn record(
+    (start, t0): (SystemTime, Instant),
+    client_addr: SocketAddr,
+    listener: &ListenerInfo,
+    facts: Facts,
+    outcome: Outcome,
+    transfer: &Transfer,
+) -> Record {
+    let principal = facts.principal.as_ref();
+    Record {
+        start_time: rfc3339(start),
+        duration_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+        listener: listener.name.to_string(),
+        mode: listener.mode.as_str(),
+        client_addr,
+        outer_sni: facts.outer_sni,
+        principal: principal.map(|p| p.uri().to_owned()),
+        namespace: principal.and_then(|p| p.namespace()).map(str::to_owned),
+        service_account: principal.and_then(|p| p.service_account()).map(str::to_owned),
+        sni: facts.sni,
+        ech: facts.ech,
+        decision: outcome.decision,
+        reason: outcome.reason,
+        matched_rule: facts.matched_rule,
+        upstream_addr: facts.upstream_addr,
+        bytes_from_client: transfer.from_client(),
+        bytes_to_client: transfer.to_client(),
+        termination: outcome.termination,
+        detail: outcome.detail,
+    }
+}
+
+/// The inner stages, on the decrypted stream (mtls) or the raw socket
+/// (passthrough).
+async fn inner<S>(mut client: S, listener: &ListenerInfo, state: &State, transfer: &Transfer, facts: &mut Facts) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // Inner ClientHello.
+    let (buf, hello) = match read_hello(&mut client, state, transfer).await {
+        Ok(found) => found,
+        Err(HelloFailure { outcome, alert: Some(a) }) => return refuse(client, a, outcome).await,
+        Err(HelloFailure { outcome, alert: None }) => return outcome,
+    };
+    facts.ech = hello.ech;
+
+    // Name.
+    let name = match hello.server_name.as_deref() {
+        None => {
+            let outcome = Outcome::refused("no_sni", "the ClientHello has no server_name");
+            return refuse(client, alert::UNRECOGNIZED_NAME, outcome).await;
+        }
+        Some(raw) => match ServerName::from_bytes(raw) {
+            Ok(name) => name,
+            Err(e) => {
+                facts.sni = Some(printable(raw));
+                let outcome = Outcome::refused("invalid_sni", e.to_string());
+                return refuse(client, alert::UNRECOGNIZED_NAME, outcome).await;
+            }
+        },
+    };
+    facts.sni = Some(name.to_string());
+
+    // Policy.
+    match state.policy.decide(&name, facts.principal.as_ref()) {
+        Decision::Allowed(m) => facts.matched_rule = Some(m.label()),
+        Decision::Denied(m) => {
+            facts.matched_rule = Some(m.label());
+            let outcome = Outcome::refused("policy_denied", format!("deny pattern {} matched", m.label()));
+            return refuse(client, alert::ACCESS_DENIED, outcome).await;
+        }
+        Decision::NotAllowed => {
+            let outcome = Outcome::refused("policy_denied", "no allow pattern matched");
+            return refuse(client, alert::ACCESS_DENIED, outcome).await;
+        }
+    }
+
+    // Resolve and vet.
+    let resolved = match state.resolver.resolve(&name).await {
+        Ok(r) => r,
+        Err(e) => {
+            let (alert, termination) = match &e {
+                ResolveError::AllRefused(_) => (alert::ACCESS_DENIED, "refused"),
+                ResolveError::NxDomain | ResolveError::NoAddresses => (alert::UNRECOGNIZED_NAME, "refused"),
+                ResolveError::Timeout => (alert::INTERNAL_ERROR, "dns_timeout"),
+                ResolveError::Failed(_) => (alert::INTERNAL_ERROR, "refused"),
+            };
+            let decision = if matches!(e, ResolveError::AllRefused(_)) { "denied" } else { "error" };
+            let outcome = Outcome { decision, reason: e.reason(), termination, detail: Some(e.to_string()) };
+            return refuse(client, alert, outcome).await;
+        }
+    };
+    if !resolved.refused.is_empty() {
+        tracing::info!(sni = %name, refused = ?resolved.refused, "some addresses refused by vetting");
+    }
+
+    // Connect.
+    let (mut upstream, addr) = match connect(&resolved.addrs, listener.upstream_port, state.timeouts.connect).await {
+        Ok(found) => found,
+        Err(e) => {
+            facts.upstream_addr = resolved.addrs.last().map(|ip| SocketAddr::new(*ip, listener.upstream_port));
+            let termination = if e.all_timed_out { "connect_timeout" } else { "refused" };
+            let outcome = Outcome::error(e.reason(), termination, e.to_string());
+            return refuse(client, alert::INTERNAL_ERROR, outcome).await;
+        }
+    };
+    facts.upstream_addr = Some(addr);
+
+    // Replay and splice.
+    // Everything read so far is replayed: the hello and whatever followed it.
+    let termination = splice(&mut client, &mut upstream, buf, state.timeouts.idle, transfer).await;
+    Outcome { decision: "allowed", reason: "allowed", termination: termination.as_str(), detail: None }
+}
+
+struct HelloFailure {
+    outcome: Outcome,
+    /// The alert to send, when the peer speaks TLS at all.
+    alert: Option<u8>,
+}
+
+/// Reads until the ClientHello is complete; returns every byte read.
+async fn read_hello<S>(client: &mut S, state: &State, transfer: &Transfer) -> Result<(Vec<u8>, crate::sni::Hello), HelloFailure>
+where
+    S: AsyncRead + Unpin,
+{
+    let cap = state.limits.client_hello_bytes;
+    let timeout = state.timeouts.client_hello;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut reader = HelloReader::new(cap);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        match reader.advance(&buf) {
+            Ok(Progress::Complete(hello)) => return Ok((buf, hello)),
+            Ok(Progress::NeedMore) if buf.len() < cap => {}
+            Ok(Progress::NeedMore) => {
+                let e = crate::sni::HelloError::TooLarge(cap);
+                return Err(HelloFailure { outcome: Outcome::refused(e.reason(), e.to_string()), alert: Some(alert::DECODE_ERROR) });
+            }
+            Err(e) => {
+                let alert = (e != crate::sni::HelloError::NotTls).then_some(alert::DECODE_ERROR);
+                return Err(HelloFailure { outcome: Outcome::refused(e.reason(), e.to_string()), alert });
+            }
+        }
+        let old = buf.len();
+        buf.resize((old + HELLO_READ_CHUNK).min(cap), 0);
+        let read = tokio::time::timeout_at(deadline, client.read(&mut buf[old..])).await;
+        let n = match read {
+            Err(_) => {
+                let detail = format!("no complete ClientHello within {timeout:?} ({old} bytes received)");
+                let outcome = Outcome::error("client_hello_timeout", "client_hello_timeout", detail);
+                return Err(HelloFailure { outcome, alert: None });
+            }
+            Ok(Err(e)) => {
+                return Err(HelloFailure { outcome: Outcome::error("client_error", "client_error", e.to_string()), alert: None });
+            }
+            Ok(Ok(0)) => {
+                let detail = format!("the client closed before its ClientHello was complete ({old} bytes received)");
+                return Err(HelloFailure { outcome: Outcome::error("client_closed_early", "client_closed", detail), alert: None });
+            }
+            Ok(Ok(n)) => n,
+        };
+        buf.truncate(old + n);
+        transfer.add_from_client(n);
+    }
+}
+
+/// Sends a fatal alert on the inner layer, closes our side (close_notify on
+/// the outer TLS layer, FIN on TCP) and lingers briefly so the alert is read
+/// before the socket goes away instead of being lost to a reset.
+async fn refuse<S>(mut client: S, description: u8, outcome: Outcome) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let send = async {
+        client.write_all(&alert::record(description)).await?;
+        client.shutdown().await
+    };
+    if tokio::time::timeout(REFUSAL_LINGER, send).await.is_ok_and(|r| r.is_ok()) {
+        let drain = async {
+            let mut sink = [0u8; 1024];
+            let mut total = 0;
+            while total < REFUSAL_DRAIN_BYTES {
+                match client.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
+    }
+    outcome
+}

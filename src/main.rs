@@ -1,0 +1,177 @@
+//! The `snigress` binary: argument parsing, logging, exit codes.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use snigress::access_log::JsonLines;
+use snigress::cli::{Cli, Command, LogFormat};
+use snigress::config::{Config, MtlsSource};
+use snigress::identity::Principal;
+use snigress::listener::{Gateway, StartError};
+use snigress::{check, devcerts};
+
+/// Exit code for an invalid configuration (EX_USAGE from sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli);
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Check { config, sni, principal } => check_cmd(&config, sni.as_deref(), principal.as_deref()),
+        Command::Certs { out, clients, gateway_id, server_names, force } => {
+            certs(&out, &clients, &gateway_id, server_names, force)
+        }
+    }
+}
+
+fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn check_cmd(path: &std::path::Path, sni: Option<&str>, principal: Option<&str>) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match check::validate(&config) {
+        Ok(summary) => println!("{summary}"),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    if let Some(sni) = sni {
+        let principal = match principal.map(Principal::parse).transpose() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("--principal: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        print!("{}", check::explain(&config, sni, principal.as_ref()));
+    }
+    ExitCode::SUCCESS
+}
+
+fn certs(out: &std::path::Path, clients: &[String], gateway_id: &str, server_names: Vec<String>, force: bool) -> ExitCode {
+    let parse = |s: &str| Principal::parse(s).map_err(|e| format!("{s}: {e}"));
+    let spec = (|| -> Result<devcerts::Spec, String> {
+        Ok(devcerts::Spec {
+            gateway_id: parse(gateway_id)?,
+            server_names,
+            clients: clients.iter().map(|c| parse(c)).collect::<Result<_, _>>()?,
+        })
+    })();
+    let spec = match spec {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("invalid SPIFFE ID {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match devcerts::mint(out, &spec, force) {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(MtlsSource::DevPki(dir)) = config.mtls.as_ref().map(|m| &m.source) {
+        match devcerts::ensure(dir) {
+            Ok(minted) => {
+                let (client_cert, client_key) = devcerts::client_files(&devcerts::Spec::local().clients[0]);
+                tracing::warn!(
+                    dir = %dir.display(),
+                    minted,
+                    ca = %dir.join(devcerts::CA_CERT).display(),
+                    client_cert = %dir.join(client_cert).display(),
+                    client_key = %dir.join(client_key).display(),
+                    "DEVELOPMENT PKI in use (mtls.dev_pki): for local trials only, never in production"
+                );
+            }
+            Err(e) => {
+                eprintln!("{}", config.error_at("dev_pki", e.to_string()));
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("{e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+enum Failure {
+    Config(String),
+    Runtime(anyhow::Error),
+}
+
+async fn serve(config: Config) -> Result<(), Failure> {
+    let sink = JsonLines::open(config.access_log.as_deref())
+        .with_context(|| format!("cannot open the access log {:?}", config.access_log))
+        .map_err(Failure::Runtime)?;
+    let gateway = match Gateway::bind(&config, Arc::new(sink)).await {
+        Ok(g) => g,
+        Err(StartError::Config(e)) => return Err(Failure::Config(e.to_string())),
+        Err(e) => return Err(Failure::Runtime(e.into())),
+    };
+    gateway.serve(shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}

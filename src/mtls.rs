@@ -1,0 +1,302 @@
+//! The outer mesh mTLS layer: certificate material, the rustls server config,
+//! client verification (chain to the mesh roots, then a SPIFFE ID in an
+//! accepted trust domain) and the handshake with its timeout.
+//!
+//! The outer SNI is recorded for the log and never used for routing: Istio
+//! sets it to `outbound_.<port>_.<subset>_.<host>`, not the application's
+//! name. The server never negotiates ALPN `istio-peer-exchange` (an Envoy
+//! client would then write a metadata preamble into the stream); the config
+//! refuses that value and the default offers no ALPN at all.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::identity::Principal;
+
+/// The crypto provider for every TLS config in the process: aws-lc-rs, with
+/// X25519MLKEM768 preferred (see DEPS.md). Passed explicitly so that no
+/// process-wide default is needed.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Where the outer layer's certificates come from.
+#[derive(Debug, Clone)]
+pub struct MaterialPaths {
+    /// Gateway certificate chain (leaf first), PEM.
+    pub cert: PathBuf,
+    /// Gateway private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Mesh root certificates that client chains must lead to, PEM; several
+    /// roots are normal during a root rotation.
+    pub client_ca: PathBuf,
+}
+
+/// Which file of the material failed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaterialError {
+    #[error("mtls.cert {0}: {1}")]
+    Cert(PathBuf, String),
+    #[error("mtls.key {0}: {1}")]
+    Key(PathBuf, String),
+    #[error("mtls.client_ca {0}: {1}")]
+    ClientCa(PathBuf, String),
+}
+
+impl MaterialError {
+    /// The config key the error is about.
+    pub fn key(&self) -> &'static str {
+        match self {
+            MaterialError::Cert(..) => "cert",
+            MaterialError::Key(..) => "key",
+            MaterialError::ClientCa(..) => "client_ca",
+        }
+    }
+}
+
+/// Outer-layer settings from the config.
+#[derive(Debug, Clone)]
+pub struct OuterSettings {
+    pub paths: MaterialPaths,
+    /// Accepted SPIFFE trust domains (lower case).
+    pub trust_domains: Vec<String>,
+    /// ALPN protocols the server may select; never `istio-peer-exchange`.
+    pub alpn: Vec<String>,
+    pub handshake_timeout: Duration,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read: {e}"))
+}
+
+/// Reads and checks the material, and builds the rustls server config.
+pub fn server_config(settings: &OuterSettings) -> Result<Arc<ServerConfig>, MaterialError> {
+    let paths = &settings.paths;
+    let cert_err = |why: String| MaterialError::Cert(paths.cert.clone(), why);
+    let key_err = |why: String| MaterialError::Key(paths.key.clone(), why);
+    let ca_err = |why: String| MaterialError::ClientCa(paths.client_ca.clone(), why);
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&paths.cert).map_err(cert_err)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_err(format!("invalid PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(cert_err("no CERTIFICATE block found".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(&paths.key).map_err(key_err)?)
+        .map_err(|e| key_err(format!("no usable private key: {e}")))?;
+
+    let mut roots = RootCertStore::empty();
+    let ca_certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&read(&paths.client_ca).map_err(ca_err)?)
+            .collect::<Result<_, _>>()
+            .map_err(|e| ca_err(format!("invalid PEM: {e}")))?;
+    if ca_certs.is_empty() {
+        return Err(ca_err("no CERTIFICATE block found".into()));
+    }
+    for cert in ca_certs {
+        roots.add(cert).map_err(|e| ca_err(format!("unusable root certificate: {e}")))?;
+    }
+
+    let provider = provider();
+    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| ca_err(format!("cannot build the client verifier: {e}")))?;
+    let verifier = Arc::new(SpiffeVerifier { inner: webpki, trust_domains: settings.trust_domains.clone() });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cert_err(format!("TLS setup failed: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| key_err(format!("does not fit the certificate: {e}")))?;
+    config.alpn_protocols = settings.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Why a client certificate's identity was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("unreadable client certificate")]
+    Unparsable,
+    #[error("the client certificate has no SPIFFE ID (URI SAN)")]
+    NoSpiffeId,
+    #[error("the client certificate has more than one SPIFFE ID")]
+    SeveralSpiffeIds,
+    #[error("the client certificate's SPIFFE ID {0:?} is invalid")]
+    Invalid(String),
+    #[error("trust domain {0:?} is not accepted (mtls.trust_domains)")]
+    TrustDomain(String),
+}
+
+/// The SPIFFE ID in a certificate's URI SANs (exactly one is allowed).
+pub fn spiffe_id(der: &[u8]) -> Result<Principal, IdentityError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Unparsable)?;
+    let san = cert.subject_alternative_name().map_err(|_| IdentityError::Unparsable)?;
+    let mut uris = san
+        .iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) if uri.len() >= 9 && uri[..9].eq_ignore_ascii_case("spiffe://") => Some(*uri),
+            _ => None,
+        });
+    let uri = uris.next().ok_or(IdentityError::NoSpiffeId)?;
+    if uris.next().is_some() {
+        return Err(IdentityError::SeveralSpiffeIds);
+    }
+    Principal::parse(uri).map_err(|_| IdentityError::Invalid(uri.to_owned()))
+}
+
+/// The webpki verifier, then the SPIFFE identity check, so that a caller
+/// outside the accepted trust domains fails the handshake itself.
+#[derive(Debug)]
+struct SpiffeVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domains: Vec<String>,
+}
+
+impl SpiffeVerifier {
+    fn check(&self, der: &[u8]) -> Result<Principal, IdentityError> {
+        let principal = spiffe_id(der)?;
+        if !self.trust_domains.iter().any(|td| td == principal.trust_domain()) {
+            return Err(IdentityError::TrustDomain(principal.trust_domain().to_owned()));
+        }
+        Ok(principal)
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.check(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+        })?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What the outer handshake established about the caller.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub principal: Principal,
+    /// The SNI of the outer layer (for the log only).
+    pub outer_sni: Option<String>,
+    pub alpn: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("outer TLS handshake timed out")]
+    Timeout,
+    #[error("client identity refused: {0}")]
+    Identity(String),
+    #[error("outer TLS handshake failed: {0}")]
+    Failed(String),
+}
+
+impl HandshakeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandshakeError::Timeout => "outer_handshake_timeout",
+            HandshakeError::Identity(_) => "identity_refused",
+            HandshakeError::Failed(_) => "outer_handshake_failed",
+        }
+    }
+}
+
+/// The outer layer: one per mTLS listener configuration.
+#[derive(Clone)]
+pub struct Outer {
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+}
+
+impl fmt::Debug for Outer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outer").field("handshake_timeout", &self.handshake_timeout).finish_non_exhaustive()
+    }
+}
+
+impl Outer {
+    pub fn new(settings: &OuterSettings) -> Result<Outer, MaterialError> {
+        Ok(Outer {
+            acceptor: TlsAcceptor::from(server_config(settings)?),
+            handshake_timeout: settings.handshake_timeout,
+        })
+    }
+
+    /// Runs the outer handshake under its timeout.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<(TlsStream<TcpStream>, Peer), HandshakeError> {
+        let stream = tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
+            .await
+            .map_err(|_| HandshakeError::Timeout)?
+            .map_err(classify)?;
+        let (_, conn) = stream.get_ref();
+        // The verifier already checked the identity; this reads it again for
+        // the connection (rustls keeps only the DER).
+        let principal = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .ok_or_else(|| HandshakeError::Identity("no client certificate".into()))
+            .and_then(|leaf| spiffe_id(leaf).map_err(|e| HandshakeError::Identity(e.to_string())))?;
+        let peer = Peer {
+            principal,
+            outer_sni: conn.server_name().map(str::to_owned),
+            alpn: conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+        };
+        Ok((stream, peer))
+    }
+}
+
+fn classify(e: std::io::Error) -> HandshakeError {
+    let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = tls {
+        if let Some(identity) = other.0.downcast_ref::<IdentityError>() {
+            return HandshakeError::Identity(identity.to_string());
+        }
+    }
+    HandshakeError::Failed(e.to_string())
+}

@@ -1,0 +1,325 @@
+//! Replay and splice: the buffered ClientHello bytes go upstream first, then
+//! bytes are copied both ways until both directions are finished.
+//!
+//! Half-close is propagated: when one side ends its stream (TCP FIN, or
+//! close_notify on the outer TLS layer), the gateway flushes what it holds and
+//! shuts down its write side towards the other peer, which may go on sending;
+//! a client that half-closes still receives the whole response. An error on
+//! either side ends both. The idle timeout counts from the last byte moved in
+//! either direction.
+//!
+//! Both directions are driven from one task with one buffer each; nothing is
+//! spawned per connection beyond the connection's own task.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Size of each direction's copy buffer: one full TLS record (16 KiB of
+/// payload plus its framing), so a record is moved in one read and one write.
+pub const BUF_SIZE: usize = 16 * 1024 + 512;
+
+/// Bytes moved, readable while the connection is open (shared with whoever
+/// reports them live).
+#[derive(Debug, Default)]
+pub struct Transfer {
+    from_client: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Transfer {
+    pub fn add_from_client(&self, n: usize) {
+        self.from_client.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn add_to_client(&self, n: usize) {
+        self.to_client.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes received from the client (the ClientHello included).
+    pub fn from_client(&self) -> u64 {
+        self.from_client.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the client.
+    pub fn to_client(&self) -> u64 {
+        self.to_client.load(Ordering::Relaxed)
+    }
+}
+
+/// How a spliced connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// Both sides finished; the client ended its stream first.
+    ClientClosed,
+    /// Both sides finished; the upstream ended its stream first.
+    UpstreamClosed,
+    /// Reading from or writing to the client failed (reset, broken pipe).
+    ClientError,
+    /// Reading from or writing to the upstream failed.
+    UpstreamError,
+    /// No byte moved in either direction for the idle timeout.
+    IdleTimeout,
+}
+
+impl Termination {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Termination::ClientClosed => "client_closed",
+            Termination::UpstreamClosed => "upstream_closed",
+            Termination::ClientError => "client_error",
+            Termination::UpstreamError => "upstream_error",
+            Termination::IdleTimeout => "idle_timeout",
+        }
+    }
+}
+
+/// Which side an I/O error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+/// One direction of the copy.
+struct Half {
+    buf: Vec<u8>,
+    /// `buf[pos..cap]` is read but not yet written.
+    pos: usize,
+    cap: usize,
+    /// The source ended its stream; finish writing, then shut down the sink.
+    eof: bool,
+    /// Written since the last flush.
+    need_flush: bool,
+    /// The sink has been shut down: this direction is over.
+    done: bool,
+    /// Which side this half reads from.
+    source: Side,
+}
+
+impl Half {
+    fn new(source: Side, pending: Vec<u8>) -> Half {
+        let cap = pending.len();
+        let mut buf = pending;
+        buf.resize(cap.max(BUF_SIZE), 0);
+        Half { buf, pos: 0, cap, eof: false, need_flush: false, done: false, source }
+    }
+
+    fn sink(&self) -> Side {
+        match self.source {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+
+    /// Moves bytes until the source or the sink would block. `moved` is set
+    /// when anything happened, for the idle timer; `Ready(Ok)` means done.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        transfer: &Transfer,
+        moved: &mut bool,
+    ) -> Poll<Result<(), Side>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let (source, sink) = (self.source, self.sink());
+        loop {
+            while self.pos < self.cap {
+                let n = match ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..self.cap])) {
+                    Ok(0) | Err(_) => return Poll::Ready(Err(sink)),
+                    Ok(n) => n,
+                };
+                self.pos += n;
+                self.need_flush = true;
+                *moved = true;
+                if sink == Side::Client {
+                    transfer.add_to_client(n);
+                }
+            }
+            if self.eof {
+                if ready!(writer.as_mut().poll_shutdown(cx)).is_err() {
+                    return Poll::Ready(Err(sink));
+                }
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut self.buf);
+            match reader.as_mut().poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    if self.need_flush {
+                        if ready!(writer.as_mut().poll_flush(cx)).is_err() {
+                            return Poll::Ready(Err(sink));
+                        }
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    *moved = true;
+                    if n == 0 {
+                        self.eof = true;
+                    } else {
+                        (self.pos, self.cap) = (0, n);
+                        if source == Side::Client {
+                            transfer.add_from_client(n);
+                        }
+                    }
+                }
+                // A TLS peer that closes TCP without close_notify: the inner
+                // TLS layer has its own integrity, so this is an ordinary end.
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    *moved = true;
+                    self.eof = true;
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(source)),
+            }
+        }
+    }
+}
+
+/// Writes `replay` to the upstream, then copies both ways until both
+/// directions are finished, one side fails, or nothing moves for `idle`.
+pub async fn splice<C, U>(client: &mut C, upstream: &mut U, replay: Vec<u8>, idle: Duration, transfer: &Transfer) -> Termination
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = Half::new(Side::Client, replay);
+    let mut down = Half::new(Side::Upstream, Vec::new());
+    let mut first_eof: Option<Side> = None;
+    let mut last_moved = Instant::now();
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
+
+    poll_fn(|cx| {
+        let mut moved = false;
+        for half in [&mut up, &mut down] {
+            if half.done {
+                continue;
+            }
+            let result = match half.source {
+                Side::Client => half.poll(cx, Pin::new(&mut *client), Pin::new(&mut *upstream), transfer, &mut moved),
+                Side::Upstream => half.poll(cx, Pin::new(&mut *upstream), Pin::new(&mut *client), transfer, &mut moved),
+            };
+            if half.eof && first_eof.is_none() {
+                first_eof = Some(half.source);
+            }
+            match result {
+                Poll::Ready(Err(Side::Client)) => return Poll::Ready(Termination::ClientError),
+                Poll::Ready(Err(Side::Upstream)) => return Poll::Ready(Termination::UpstreamError),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            }
+        }
+        if up.done && down.done {
+            return Poll::Ready(match first_eof {
+                Some(Side::Upstream) => Termination::UpstreamClosed,
+                _ => Termination::ClientClosed,
+            });
+        }
+        if moved {
+            last_moved = Instant::now();
+        }
+        // The timer is re-armed lazily: it fires at most once per idle period
+        // and is then moved to the real deadline if bytes moved meanwhile.
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            let deadline = last_moved + idle;
+            if deadline <= Instant::now() {
+                return Poll::Ready(Termination::IdleTimeout);
+            }
+            timer.as_mut().reset(deadline);
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    #[tokio::test]
+    async fn replays_then_copies_both_ways_with_half_close() {
+        let (mut client, mut gw_client) = duplex(64);
+        let (mut gw_upstream, mut upstream) = duplex(64);
+        let transfer = Transfer::default();
+        transfer.add_from_client(5);
+        let gateway = async {
+            splice(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), Duration::from_secs(30), &transfer).await
+        };
+        let peers = async {
+            client.write_all(&[1u8; 1000]).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            upstream.read_to_end(&mut got).await.unwrap();
+            assert_eq!(&got[..5], b"hello");
+            assert_eq!(got.len(), 1005);
+            // The client half-closed; the response still reaches it.
+            upstream.write_all(&[2u8; 3000]).await.unwrap();
+            upstream.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, vec![2u8; 3000]);
+        };
+        let (termination, ()) = tokio::join!(gateway, peers);
+        assert_eq!(termination, Termination::ClientClosed);
+        assert_eq!(transfer.from_client(), 1005);
+        assert_eq!(transfer.to_client(), 3000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_ends_a_silent_connection() {
+        let (_client, mut gw_client) = duplex(64);
+        let (mut gw_upstream, _upstream) = duplex(64);
+        let transfer = Transfer::default();
+        let started = Instant::now();
+        let t = splice(&mut gw_client, &mut gw_upstream, Vec::new(), Duration::from_secs(5), &transfer).await;
+        assert_eq!(t, Termination::IdleTimeout);
+        assert!(started.elapsed() >= Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_keeps_the_idle_timer_away() {
+        let (mut client, mut gw_client) = duplex(64);
+        let (mut gw_upstream, mut upstream) = duplex(64);
+        let transfer = Transfer::default();
+        let gateway = splice(&mut gw_client, &mut gw_upstream, Vec::new(), Duration::from_secs(5), &transfer);
+        let peers = async {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                client.write_all(b"x").await.unwrap();
+                let mut b = [0u8; 1];
+                upstream.read_exact(&mut b).await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+            upstream.shutdown().await.unwrap();
+        };
+        let (t, ()) = tokio::join!(gateway, peers);
+        assert_eq!(t, Termination::ClientClosed);
+        assert_eq!(transfer.from_client(), 4);
+    }
+
+    #[tokio::test]
+    async fn upstream_failure_ends_both() {
+        let (mut client, mut gw_client) = duplex(64);
+        let (mut gw_upstream, upstream) = duplex(64);
+        drop(upstream);
+        let transfer = Transfer::default();
+        let gateway = splice(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), Duration::from_secs(30), &transfer);
+        let t = gateway.await;
+        assert_eq!(t, Termination::UpstreamError);
+        let mut rest = Vec::new();
+        drop(gw_client);
+        client.read_to_end(&mut rest).await.unwrap();
+    }
+}
