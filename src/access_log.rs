@@ -87,7 +87,9 @@ impl JsonLines {
 fn write_loop(rx: mpsc::Receiver<Record>, out: Box<dyn Write + Send>) {
     let mut out = BufWriter::new(out);
     let write_one = |out: &mut BufWriter<_>, record: Record| {
-        if let Err(e) = serde_json::to_writer(&mut *out, &record).map_err(io::Error::from).and_then(|()| out.write_all(b"\n")) {
+        if let Err(e) =
+            serde_json::to_writer(&mut *out, &record).map_err(io::Error::from).and_then(|()| out.write_all(b"\n"))
+        {
             tracing::error!(error = %e, "cannot write the access log");
         }
     };
@@ -124,9 +126,8 @@ impl Sink for Channel {
 /// RFC 3339 UTC timestamp with millisecond precision.
 pub fn rfc3339(t: std::time::SystemTime) -> String {
     let t = time::OffsetDateTime::from(t);
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     t.format(&format).unwrap_or_default()
 }
 

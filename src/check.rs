@@ -63,8 +63,7 @@ pub fn explain(config: &Config, sni: &str, principal: Option<&Principal>) -> Str
     let (decision, reason, why) = match policy.decide(&name, principal) {
         Decision::Allowed(m) => ("allowed", "allowed", format!("{} matches and no deny pattern does", describe(&m))),
         Decision::Denied(m) => {
-            let overridden: Vec<String> =
-                matches.iter().filter(|x| x.action == Action::Allow).map(describe).collect();
+            let overridden: Vec<String> = matches.iter().filter(|x| x.action == Action::Allow).map(describe).collect();
             let mut why = format!("{} matches; deny wins", describe(&m));
             if !overridden.is_empty() {
                 let _ = write!(why, " over {}", overridden.join(", "));

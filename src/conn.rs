@@ -110,7 +110,12 @@ pub async fn handle(tcp: TcpStream, client_addr: SocketAddr, listener: &Listener
 
 /// The record for a connection refused before its task started (the
 /// connection limit).
-pub fn refused_at_accept(client_addr: SocketAddr, listener: &ListenerInfo, reason: &'static str, detail: &str) -> Record {
+pub fn refused_at_accept(
+    client_addr: SocketAddr,
+    listener: &ListenerInfo,
+    reason: &'static str,
+    detail: &str,
+) -> Record {
     let started = (SystemTime::now(), Instant::now());
     let outcome = Outcome::refused(reason, detail);
     record(started, client_addr, listener, Facts::default(), outcome, &Transfer::default())
@@ -150,7 +155,13 @@ fn record(
 
 /// The inner stages, on the decrypted stream (mtls) or the raw socket
 /// (passthrough).
-async fn inner<S>(mut client: S, listener: &ListenerInfo, state: &State, transfer: &Transfer, facts: &mut Facts) -> Outcome
+async fn inner<S>(
+    mut client: S,
+    listener: &ListenerInfo,
+    state: &State,
+    transfer: &Transfer,
+    facts: &mut Facts,
+) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -237,7 +248,11 @@ struct HelloFailure {
 }
 
 /// Reads until the ClientHello is complete; returns every byte read.
-async fn read_hello<S>(client: &mut S, state: &State, transfer: &Transfer) -> Result<(Vec<u8>, crate::sni::Hello), HelloFailure>
+async fn read_hello<S>(
+    client: &mut S,
+    state: &State,
+    transfer: &Transfer,
+) -> Result<(Vec<u8>, crate::sni::Hello), HelloFailure>
 where
     S: AsyncRead + Unpin,
 {
@@ -252,7 +267,10 @@ where
             Ok(Progress::NeedMore) if buf.len() < cap => {}
             Ok(Progress::NeedMore) => {
                 let e = crate::sni::HelloError::TooLarge(cap);
-                return Err(HelloFailure { outcome: Outcome::refused(e.reason(), e.to_string()), alert: Some(alert::DECODE_ERROR) });
+                return Err(HelloFailure {
+                    outcome: Outcome::refused(e.reason(), e.to_string()),
+                    alert: Some(alert::DECODE_ERROR),
+                });
             }
             Err(e) => {
                 let alert = (e != crate::sni::HelloError::NotTls).then_some(alert::DECODE_ERROR);
@@ -269,11 +287,17 @@ where
                 return Err(HelloFailure { outcome, alert: None });
             }
             Ok(Err(e)) => {
-                return Err(HelloFailure { outcome: Outcome::error("client_error", "client_error", e.to_string()), alert: None });
+                return Err(HelloFailure {
+                    outcome: Outcome::error("client_error", "client_error", e.to_string()),
+                    alert: None,
+                });
             }
             Ok(Ok(0)) => {
                 let detail = format!("the client closed before its ClientHello was complete ({old} bytes received)");
-                return Err(HelloFailure { outcome: Outcome::error("client_closed_early", "client_closed", detail), alert: None });
+                return Err(HelloFailure {
+                    outcome: Outcome::error("client_closed_early", "client_closed", detail),
+                    alert: None,
+                });
             }
             Ok(Ok(n)) => n,
         };

@@ -93,24 +93,25 @@ pub fn mint(dir: &Path, spec: &Spec, force: bool) -> Result<Vec<PathBuf>, DevCer
     files.push((CA_KEY.into(), ca_key.serialize_pem()));
     let issuer = Issuer::new(ca, ca_key);
 
-    let leaf = |id: &Principal, names: &[String], usage: ExtendedKeyUsagePurpose| -> Result<(String, String), DevCertError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::OrganizationName, "snigress development");
-        params.subject_alt_names.push(SanType::URI(id.uri().try_into()?));
-        for name in names {
-            params.subject_alt_names.push(match name.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(name.as_str().try_into()?),
-            });
-        }
-        params.extended_key_usages = vec![usage];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_before = now - Duration::hours(1);
-        params.not_after = now + Duration::days(365);
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    };
+    let leaf =
+        |id: &Principal, names: &[String], usage: ExtendedKeyUsagePurpose| -> Result<(String, String), DevCertError> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::OrganizationName, "snigress development");
+            params.subject_alt_names.push(SanType::URI(id.uri().try_into()?));
+            for name in names {
+                params.subject_alt_names.push(match name.parse::<IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(name.as_str().try_into()?),
+                });
+            }
+            params.extended_key_usages = vec![usage];
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.not_before = now - Duration::hours(1);
+            params.not_after = now + Duration::days(365);
+            let cert = params.signed_by(&key, &issuer)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
 
     let (cert, key) = leaf(&spec.gateway_id, &spec.server_names, ExtendedKeyUsagePurpose::ServerAuth)?;
     files.push((GATEWAY_CERT.into(), cert));
@@ -123,10 +124,8 @@ pub fn mint(dir: &Path, spec: &Spec, force: bool) -> Result<Vec<PathBuf>, DevCer
     }
 
     fs::create_dir_all(dir).map_err(|e| DevCertError::Io(dir.to_owned(), e))?;
-    if !force {
-        if let Some((name, _)) = files.iter().find(|(name, _)| dir.join(name).exists()) {
-            return Err(DevCertError::Exists(dir.join(name)));
-        }
+    if !force && let Some((name, _)) = files.iter().find(|(name, _)| dir.join(name).exists()) {
+        return Err(DevCertError::Exists(dir.join(name)));
     }
     let mut written = Vec::new();
     for (name, content) in files {

@@ -55,17 +55,11 @@ impl Principal {
             None => (rest, ""),
         };
         let domain_ok = !domain.is_empty()
-            && domain
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+            && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
         if !domain_ok {
             return Err(PrincipalError::TrustDomain);
         }
-        let segments: Vec<&str> = if path.is_empty() {
-            Vec::new()
-        } else {
-            path[1..].split('/').collect()
-        };
+        let segments: Vec<&str> = if path.is_empty() { Vec::new() } else { path[1..].split('/').collect() };
         let segment_ok = |s: &&str| {
             !s.is_empty()
                 && *s != "."
@@ -79,12 +73,7 @@ impl Principal {
             ["ns", ns, "sa", sa] => (Some((*ns).into()), Some((*sa).into())),
             _ => (None, None),
         };
-        Ok(Principal {
-            uri: uri.into(),
-            trust_domain: domain.into(),
-            namespace,
-            service_account,
-        })
+        Ok(Principal { uri: uri.into(), trust_domain: domain.into(), namespace, service_account })
     }
 
     pub fn uri(&self) -> &str {

@@ -93,10 +93,7 @@ impl Gateway {
 
     /// The bound address of each listener, by name (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
-        self.listeners
-            .iter()
-            .filter_map(|(info, l)| l.local_addr().ok().map(|a| (info.name.to_string(), a)))
-            .collect()
+        self.listeners.iter().filter_map(|(info, l)| l.local_addr().ok().map(|a| (info.name.to_string(), a))).collect()
     }
 
     /// Accepts on every listener until `shutdown` completes.

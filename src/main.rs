@@ -70,7 +70,13 @@ fn check_cmd(path: &std::path::Path, sni: Option<&str>, principal: Option<&str>)
     ExitCode::SUCCESS
 }
 
-fn certs(out: &std::path::Path, clients: &[String], gateway_id: &str, server_names: Vec<String>, force: bool) -> ExitCode {
+fn certs(
+    out: &std::path::Path,
+    clients: &[String],
+    gateway_id: &str,
+    server_names: Vec<String>,
+    force: bool,
+) -> ExitCode {
     let parse = |s: &str| Principal::parse(s).map_err(|e| format!("{s}: {e}"));
     let spec = (|| -> Result<devcerts::Spec, String> {
         Ok(devcerts::Spec {

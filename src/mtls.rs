@@ -145,13 +145,10 @@ pub enum IdentityError {
 pub fn spiffe_id(der: &[u8]) -> Result<Principal, IdentityError> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Unparsable)?;
     let san = cert.subject_alternative_name().map_err(|_| IdentityError::Unparsable)?;
-    let mut uris = san
-        .iter()
-        .flat_map(|ext| ext.value.general_names.iter())
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) if uri.len() >= 9 && uri[..9].eq_ignore_ascii_case("spiffe://") => Some(*uri),
-            _ => None,
-        });
+    let mut uris = san.iter().flat_map(|ext| ext.value.general_names.iter()).filter_map(|name| match name {
+        GeneralName::URI(uri) if uri.len() >= 9 && uri[..9].eq_ignore_ascii_case("spiffe://") => Some(*uri),
+        _ => None,
+    });
     let uri = uris.next().ok_or(IdentityError::NoSpiffeId)?;
     if uris.next().is_some() {
         return Err(IdentityError::SeveralSpiffeIds);
@@ -189,9 +186,8 @@ impl ClientCertVerifier for SpiffeVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        self.check(end_entity).map_err(|e| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
+        self.check(end_entity)
+            .map_err(|e| rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -293,10 +289,10 @@ impl Outer {
 
 fn classify(e: std::io::Error) -> HandshakeError {
     let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = tls {
-        if let Some(identity) = other.0.downcast_ref::<IdentityError>() {
-            return HandshakeError::Identity(identity.to_string());
-        }
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = tls
+        && let Some(identity) = other.0.downcast_ref::<IdentityError>()
+    {
+        return HandshakeError::Identity(identity.to_string());
     }
     HandshakeError::Failed(e.to_string())
 }

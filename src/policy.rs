@@ -251,11 +251,7 @@ impl Policy {
     }
 
     fn to_match(&self, e: &Entry) -> Match {
-        Match {
-            action: e.action,
-            pattern: e.pattern.clone(),
-            rule: e.rule.map(|i| self.rules[i].name.clone()),
-        }
+        Match { action: e.action, pattern: e.pattern.clone(), rule: e.rule.map(|i| self.rules[i].name.clone()) }
     }
 
     /// Decides for one name and caller. Deny wins; the reported pattern is the
@@ -299,8 +295,20 @@ mod tests {
             assert!(Pattern::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "*", "*.", "**.example.com", "a.*.example.com", "*example.com", "example.*", "*.*.example.com",
-            "ex*ample.com", "", ".example.com", "*..example.com", "10.0.0.1", "*.10.0.0.1", "exa mple.com",
+            "*",
+            "*.",
+            "**.example.com",
+            "a.*.example.com",
+            "*example.com",
+            "example.*",
+            "*.*.example.com",
+            "ex*ample.com",
+            "",
+            ".example.com",
+            "*..example.com",
+            "10.0.0.1",
+            "*.10.0.0.1",
+            "exa mple.com",
         ] {
             assert!(Pattern::parse(bad).is_err(), "{bad}");
         }
@@ -405,8 +413,7 @@ mod tests {
                 RuleSpec {
                     name: "ci".into(),
                     from: Selector {
-                        principals: ["cluster.local/ns/ci/sa/runner".into(), "cluster.local/custom/path".into()]
-                            .into(),
+                        principals: ["cluster.local/ns/ci/sa/runner".into(), "cluster.local/custom/path".into()].into(),
                         ..Default::default()
                     },
                     allow: pats(&["github.com"]),

@@ -10,9 +10,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use hickory_resolver::config::{
-    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts,
-};
+use hickory_resolver::config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver as HickoryResolver, TokioResolver};
@@ -248,8 +246,9 @@ impl Resolver {
                 let config = ResolverConfig::from_parts(None, vec![], name_servers);
                 HickoryResolver::builder_with_config(config, TokioRuntimeProvider::default())
             }
-            None => TokioResolver::builder_tokio()
-                .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?,
+            None => {
+                TokioResolver::builder_tokio().map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
+            }
         };
         let opts: &mut ResolverOpts = builder.options_mut();
         opts.ip_strategy = match settings.ip_family {
@@ -340,17 +339,48 @@ mod tests {
     fn vetting_blocks_internal_ranges() {
         let v = Vetting::default();
         for blocked in [
-            "127.0.0.1", "127.1.2.3", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1",
-            "169.254.169.254", "100.64.0.1", "100.127.255.255", "0.0.0.0", "255.255.255.255", "224.0.0.1",
-            "192.0.2.1", "198.51.100.7", "203.0.113.9", "198.18.0.1", "::", "::1", "fe80::1", "fc00::1",
-            "fd00:ec2::254", "ff02::1", "2001:db8::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
-            "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "2002:a00:1::1", "::127.0.0.1",
+            "127.0.0.1",
+            "127.1.2.3",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.127.255.255",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "198.18.0.1",
+            "::",
+            "::1",
+            "fe80::1",
+            "fc00::1",
+            "fd00:ec2::254",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+            "2002:a00:1::1",
+            "::127.0.0.1",
         ] {
             assert!(v.vet(ip(blocked)).is_err(), "{blocked} should be refused");
         }
         for public in [
-            "8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "185.15.59.224", "2606:4700::1111",
-            "64:ff9b::808:808", "2002:808:808::1",
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "185.15.59.224",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
         ] {
             assert!(v.vet(ip(public)).is_ok(), "{public} should pass");
         }

@@ -188,8 +188,8 @@ fn complete_message(data: &[u8]) -> Option<usize> {
 
 /// Parses a ClientHello body (after the 4-byte handshake header).
 fn parse_body(body: &[u8]) -> Result<Hello, HelloError> {
-    let (rest, ch) = parse_tls_handshake_client_hello(body)
-        .map_err(|_| HelloError::Invalid("malformed ClientHello fields"))?;
+    let (rest, ch) =
+        parse_tls_handshake_client_hello(body).map_err(|_| HelloError::Invalid("malformed ClientHello fields"))?;
     if !rest.is_empty() {
         return Err(HelloError::Invalid("trailing bytes after the extensions"));
     }
@@ -197,8 +197,7 @@ fn parse_body(body: &[u8]) -> Result<Hello, HelloError> {
     let mut seen_server_name = false;
     let mut exts = ch.ext.unwrap_or_default();
     while !exts.is_empty() {
-        let (next, ext) =
-            parse_tls_extension_unknown(exts).map_err(|_| HelloError::Invalid("truncated extension"))?;
+        let (next, ext) = parse_tls_extension_unknown(exts).map_err(|_| HelloError::Invalid("truncated extension"))?;
         exts = next;
         let TlsExtension::Unknown(ext_type, data) = ext else {
             return Err(HelloError::Invalid("unexpected extension framing"));

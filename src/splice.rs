@@ -190,7 +190,13 @@ impl Half {
 
 /// Writes `replay` to the upstream, then copies both ways until both
 /// directions are finished, one side fails, or nothing moves for `idle`.
-pub async fn splice<C, U>(client: &mut C, upstream: &mut U, replay: Vec<u8>, idle: Duration, transfer: &Transfer) -> Termination
+pub async fn splice<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    replay: Vec<u8>,
+    idle: Duration,
+    transfer: &Transfer,
+) -> Termination
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -257,21 +263,25 @@ mod tests {
         let gateway = async {
             splice(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), Duration::from_secs(30), &transfer).await
         };
-        let peers = async {
+        // Both peers run at once: the pipes hold 64 bytes, so neither may wait
+        // for the other to finish first.
+        let client_side = async {
             client.write_all(&[1u8; 1000]).await.unwrap();
             client.shutdown().await.unwrap();
-            let mut got = Vec::new();
-            upstream.read_to_end(&mut got).await.unwrap();
-            assert_eq!(&got[..5], b"hello");
-            assert_eq!(got.len(), 1005);
             // The client half-closed; the response still reaches it.
-            upstream.write_all(&[2u8; 3000]).await.unwrap();
-            upstream.shutdown().await.unwrap();
             let mut back = Vec::new();
             client.read_to_end(&mut back).await.unwrap();
             assert_eq!(back, vec![2u8; 3000]);
         };
-        let (termination, ()) = tokio::join!(gateway, peers);
+        let upstream_side = async {
+            let mut got = Vec::new();
+            upstream.read_to_end(&mut got).await.unwrap();
+            assert_eq!(&got[..5], b"hello");
+            assert_eq!(got.len(), 1005);
+            upstream.write_all(&[2u8; 3000]).await.unwrap();
+            upstream.shutdown().await.unwrap();
+        };
+        let (termination, (), ()) = tokio::join!(gateway, client_side, upstream_side);
         assert_eq!(termination, Termination::ClientClosed);
         assert_eq!(transfer.from_client(), 1005);
         assert_eq!(transfer.to_client(), 3000);
