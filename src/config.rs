@@ -607,7 +607,8 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         if !names.insert(name.to_owned()) {
             return Err(ctx.at(&l.name, format!("listeners[{i}].name: {name:?} is used by another listener")));
         }
-        if !addresses.insert(l.address.value.0) {
+        // Port 0 asks the kernel for a free port: never a clash.
+        if l.address.value.0.port() != 0 && !addresses.insert(l.address.value.0) {
             return Err(ctx
                 .at(&l.address, format!("listeners[{i}].address: {} is used by another listener", l.address.value.0)));
         }

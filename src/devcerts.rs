@@ -60,10 +60,13 @@ pub enum DevCertError {
 }
 
 /// File names of a client's certificate and key: `client-<ns>-<sa>.pem`
-/// for Istio-form IDs, the path with '/' as '-' otherwise.
+/// for Istio-form IDs in `cluster.local`, the whole ID without its scheme,
+/// '/' as '-', otherwise (so two trust domains never share a file).
 pub fn client_files(p: &Principal) -> (String, String) {
     let stem = match (p.namespace(), p.service_account()) {
-        (Some(ns), Some(sa)) => format!("client-{ns}-{sa}"),
+        (Some(ns), Some(sa)) if p.trust_domain() == crate::config::defaults::TRUST_DOMAIN => {
+            format!("client-{ns}-{sa}")
+        }
         _ => format!("client-{}", p.without_scheme().replace('/', "-")),
     };
     (format!("{stem}.pem"), format!("{stem}.key"))
@@ -117,8 +120,11 @@ pub fn mint(dir: &Path, spec: &Spec, force: bool) -> Result<Vec<PathBuf>, DevCer
     files.push((GATEWAY_CERT.into(), cert));
     files.push((GATEWAY_KEY.into(), key));
     for client in &spec.clients {
-        let (cert, key) = leaf(client, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
         let (cert_name, key_name) = client_files(client);
+        if files.iter().any(|(name, _)| *name == cert_name) {
+            continue; // the same ID given twice
+        }
+        let (cert, key) = leaf(client, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
         files.push((cert_name, cert));
         files.push((key_name, key));
     }

@@ -1,0 +1,486 @@
+//! The world an integration test runs in, all real and all on loopback: a
+//! mesh PKI, an authoritative DNS server, a TLS echo upstream standing in for
+//! the internet, a raw capture upstream, and a gateway serving in-process.
+#![allow(dead_code)]
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use hickory_server::proto::rr::rdata::{A, SOA};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record as DnsRecord};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use snigress::access_log::{Channel, Record};
+use snigress::config::Config;
+use snigress::devcerts::{self, Spec};
+use snigress::identity::Principal;
+use snigress::listener::Gateway;
+use snigress::mtls::provider;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Upper bound for anything a test waits on; far above what any step needs.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Names the test DNS zone serves, and their addresses. Anything else under
+/// `test.` is NXDOMAIN.
+pub const ZONE: &[(&str, &[Ipv4Addr])] = &[
+    ("a.allowed.test", &[Ipv4Addr::LOCALHOST]),
+    ("b.allowed.test", &[Ipv4Addr::LOCALHOST]),
+    ("capture.allowed.test", &[Ipv4Addr::LOCALHOST]),
+    ("deep.x.y.allowed.test", &[Ipv4Addr::LOCALHOST]),
+    ("allowed.test", &[Ipv4Addr::LOCALHOST]),
+    ("blocked.allowed.test", &[Ipv4Addr::LOCALHOST]),
+    ("a.team.test", &[Ipv4Addr::LOCALHOST]),
+    ("a.unlisted.test", &[Ipv4Addr::LOCALHOST]),
+    ("metadata.allowed.test", &[Ipv4Addr::new(169, 254, 169, 254)]),
+    // The first address is denied by resolver.deny_cidrs; a trap listens there.
+    ("twoaddr.allowed.test", &[Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::LOCALHOST]),
+    // Nothing listens on 127.0.0.9.
+    ("closed.allowed.test", &[Ipv4Addr::new(127, 0, 0, 9)]),
+];
+
+/// The mesh identities the test PKI holds client certificates for.
+pub const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+pub const OTHER_APP: &str = "spiffe://cluster.local/ns/other/sa/app";
+pub const FOREIGN_DOMAIN: &str = "spiffe://elsewhere.example/ns/default/sa/sleep";
+
+/// A mesh PKI on disk (the gateway's own, or a stranger's).
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn mint() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = |s: &str| Principal::parse(s).expect("test SPIFFE ID");
+        let spec = Spec {
+            gateway_id: p("spiffe://cluster.local/ns/snigress/sa/snigress"),
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            clients: vec![p(SLEEP), p(OTHER_APP), p(FOREIGN_DOMAIN)],
+        };
+        devcerts::mint(dir.path(), &spec, false).expect("mint test PKI");
+        Pki { dir }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Client certificate and key of a SPIFFE ID this PKI minted.
+    pub fn client(&self, id: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (cert, key) = devcerts::client_files(&Principal::parse(id).expect("SPIFFE ID"));
+        load_pair(&self.path(&cert), &self.path(&key))
+    }
+
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        roots_from(&self.path(devcerts::CA_CERT))
+    }
+}
+
+fn load_pair(cert: &Path, key: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let certs = CertificateDer::pem_file_iter(cert).expect("cert file").collect::<Result<Vec<_>, _>>().expect("cert");
+    (certs, PrivateKeyDer::from_pem_file(key).expect("key"))
+}
+
+fn roots_from(pem: &Path) -> Arc<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pem).expect("CA file") {
+        roots.add(cert.expect("CA cert")).expect("add root");
+    }
+    Arc::new(roots)
+}
+
+/// An authoritative server for `test.` on 127.0.0.1 (UDP and TCP, one port).
+pub struct Dns {
+    pub addr: SocketAddr,
+    _server: Server<Catalog>,
+}
+
+impl Dns {
+    pub async fn start(zone: &[(&str, &[Ipv4Addr])]) -> Dns {
+        let origin = Name::from_ascii("test.").expect("origin");
+        let mut z: InMemoryZoneHandler =
+            InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+        let soa = SOA::new(
+            Name::from_ascii("ns.test.").expect("mname"),
+            Name::from_ascii("hostmaster.test.").expect("rname"),
+            1,
+            3600,
+            600,
+            86400,
+            30,
+        );
+        z.upsert_mut(DnsRecord::from_rdata(origin.clone(), 3600, RData::SOA(soa)), 1);
+        for (name, addrs) in zone {
+            let name = Name::from_ascii(format!("{name}.")).expect("zone name");
+            for ip in *addrs {
+                z.upsert_mut(DnsRecord::from_rdata(name.clone(), 60, RData::A(A(*ip))), 1);
+            }
+        }
+        let mut catalog = Catalog::new();
+        catalog.upsert(LowerName::new(&origin), vec![Arc::new(z) as Arc<dyn ZoneHandler>]);
+        let mut server = Server::new(catalog);
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind DNS UDP");
+        let addr = udp.local_addr().expect("DNS address");
+        let tcp = TcpListener::bind(addr).await.expect("bind DNS TCP on the UDP port");
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(5), 4096);
+        Dns { addr, _server: server }
+    }
+}
+
+/// Certificates of the pretend internet: one CA, one server certificate for
+/// every name in the zone.
+pub struct Internet {
+    pub roots: Arc<RootCertStore>,
+    pub server: Arc<ServerConfig>,
+}
+
+impl Internet {
+    pub fn new() -> Internet {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+        let issuer = Issuer::new(ca, ca_key);
+        let names: Vec<String> = ZONE.iter().map(|(n, _)| n.to_string()).collect();
+        let key = KeyPair::generate().expect("server key");
+        let cert = CertificateParams::new(names).expect("names").signed_by(&key, &issuer).expect("server cert");
+
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).expect("root");
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key");
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .expect("server config");
+        Internet { roots: Arc::new(roots), server: Arc::new(server) }
+    }
+}
+
+/// A TLS upstream that echoes what it receives and, once the client has
+/// finished sending, appends `sni=<name it was asked for>\n` and closes.
+pub struct Echo {
+    pub port: u16,
+}
+
+impl Echo {
+    pub async fn start(config: Arc<ServerConfig>) -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let port = listener.local_addr().expect("echo address").port();
+        let acceptor = TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let sni = tls.get_ref().1.server_name().unwrap_or("").to_owned();
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if w.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = w.write_all(format!("sni={sni}\n").as_bytes()).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Echo { port }
+    }
+}
+
+/// A plain TCP upstream that keeps every byte of each connection and hands
+/// them over when the client has finished sending.
+pub struct Capture {
+    pub port: u16,
+    pub received: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl Capture {
+    pub async fn start() -> Capture {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind capture");
+        let port = listener.local_addr().expect("capture address").port();
+        let (tx, received) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut all = Vec::new();
+                    let _ = tcp.read_to_end(&mut all).await;
+                    let _ = tx.send(all);
+                });
+            }
+        });
+        Capture { port, received }
+    }
+
+    pub async fn next(&mut self) -> Vec<u8> {
+        tokio::time::timeout(PATIENCE, self.received.recv()).await.expect("capture timed out").expect("capture closed")
+    }
+}
+
+/// A listener on an address the gateway must never dial; counts connections.
+pub struct Trap {
+    pub hits: mpsc::UnboundedReceiver<SocketAddr>,
+}
+
+impl Trap {
+    pub async fn start(addr: SocketAddr) -> Trap {
+        let listener = TcpListener::bind(addr).await.expect("bind trap");
+        let (tx, hits) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((_, peer)) = listener.accept().await {
+                let _ = tx.send(peer);
+            }
+        });
+        Trap { hits }
+    }
+}
+
+/// Changes to the standard test config.
+#[derive(Default)]
+pub struct Options {
+    /// Extra lines for the `mtls:` section, each without indentation.
+    pub mtls: Vec<String>,
+    /// Extra top-level sections (`timeouts:`, `limits:`), verbatim.
+    pub sections: String,
+}
+
+/// Everything running: the gateway and the world around it.
+pub struct Harness {
+    pub pki: Pki,
+    pub internet: Internet,
+    pub dns: Dns,
+    pub echo: Echo,
+    pub capture: Capture,
+    pub trap: Trap,
+    /// Listener addresses by name: mtls, passthrough, mtls-capture,
+    /// passthrough-capture.
+    pub addrs: Vec<(String, SocketAddr)>,
+    pub records: mpsc::UnboundedReceiver<Record>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> Harness {
+        let pki = Pki::mint();
+        let internet = Internet::new();
+        let dns = Dns::start(ZONE).await;
+        let echo = Echo::start(internet.server.clone()).await;
+        let capture = Capture::start().await;
+        let trap = Trap::start(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), echo.port)).await;
+        let text = config_text(&pki, dns.addr, echo.port, capture.port, &options);
+        let config = Config::parse(&text, "test.yaml", pki.dir.path()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let (tx, records) = mpsc::unbounded_channel();
+        let gateway = Gateway::bind(&config, Arc::new(Channel(tx))).await.expect("gateway binds");
+        let addrs = gateway.local_addrs();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(gateway.serve(async move {
+            let _ = stopped.await;
+        }));
+        Harness { pki, internet, dns, echo, capture, trap, addrs, records, stop: Some(stop) }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs.iter().find(|(n, _)| n == listener).map(|(_, a)| *a).expect("listener")
+    }
+
+    /// The next access record, in completion order.
+    pub async fn record(&mut self) -> Record {
+        tokio::time::timeout(PATIENCE, self.records.recv()).await.expect("no access record in time").expect("sink")
+    }
+
+    /// Outer mTLS to the `mtls` listener as `id`, offering `alpn`.
+    pub async fn outer(&self, listener: &str, id: &str, alpn: &[&str]) -> io::Result<OuterStream> {
+        outer_connect(self.addr(listener), &self.pki.roots(), Some(self.pki.client(id)), alpn).await
+    }
+
+    /// The application's own TLS, over any stream, to `sni`.
+    pub async fn inner<S>(&self, io: S, sni: &str) -> io::Result<tokio_rustls::client::TlsStream<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        inner_connect(io, sni, self.internet.roots.clone()).await
+    }
+}
+
+pub type OuterStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+pub fn config_text(pki: &Pki, dns: SocketAddr, echo: u16, capture: u16, options: &Options) -> String {
+    let dir = pki.dir.path().display();
+    let mtls_extra: String = options.mtls.iter().map(|l| format!("  {l}\n")).collect();
+    format!(
+        "listeners:
+  - name: mtls
+    address: 127.0.0.1:0
+    mode: mtls
+    upstream_port: {echo}
+  - name: passthrough
+    address: 127.0.0.1:0
+    mode: passthrough
+    upstream_port: {echo}
+  - name: mtls-capture
+    address: 127.0.0.1:0
+    mode: mtls
+    upstream_port: {capture}
+  - name: passthrough-capture
+    address: 127.0.0.1:0
+    mode: passthrough
+    upstream_port: {capture}
+mtls:
+  cert: {dir}/gateway.pem
+  key: {dir}/gateway.key
+  client_ca: {dir}/ca.pem
+{mtls_extra}policy:
+  allow: [\"*.allowed.test\"]
+  deny: [blocked.allowed.test]
+  rules:
+    - name: default-team
+      namespaces: [default]
+      allow: [\"*.team.test\"]
+resolver:
+  nameservers: [\"{dns}\"]
+  allow_cidrs: [127.0.0.0/8]
+  deny_cidrs: [127.0.0.2/32]
+{sections}",
+        sections = options.sections
+    )
+}
+
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[&str],
+) -> ClientConfig {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((certs, key)) => builder.with_client_auth_cert(certs, key).expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config
+}
+
+pub async fn outer_connect(
+    addr: SocketAddr,
+    roots: &Arc<RootCertStore>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[&str],
+) -> io::Result<OuterStream> {
+    let config = client_config(roots.clone(), identity, alpn);
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").expect("name");
+    TlsConnector::from(Arc::new(config)).connect(name, tcp).await
+}
+
+pub async fn inner_connect<S>(
+    io: S,
+    sni: &str,
+    roots: Arc<RootCertStore>,
+) -> io::Result<tokio_rustls::client::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = client_config(roots, None, &[]);
+    let name = ServerName::try_from(sni.to_owned()).expect("name");
+    TlsConnector::from(Arc::new(config)).connect(name, io).await
+}
+
+/// The TLS alert an I/O error carries, if the peer sent one.
+pub fn alert_of(e: &io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(a)) => Some(*a),
+        _ => None,
+    }
+}
+
+/// Sends `data`, half-closes, and reads everything that comes back, both at
+/// once (the echo answers while we send).
+pub async fn exchange<S>(stream: S, data: &[u8]) -> io::Result<Vec<u8>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut r, mut w) = tokio::io::split(stream);
+    let send = async {
+        w.write_all(data).await?;
+        w.shutdown().await
+    };
+    let receive = async {
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).await.map(|_| all)
+    };
+    let (sent, received) = tokio::join!(send, receive);
+    sent?;
+    received
+}
+
+/// Reads until EOF or error; what arrived and how it ended.
+pub async fn read_all<S: AsyncRead + Unpin>(stream: &mut S) -> (Vec<u8>, io::Result<()>) {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => return (all, Ok(())),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) => return (all, Err(e)),
+        }
+    }
+}
+
+/// A real ClientHello for `sni`, as rustls writes it (X25519MLKEM768 key
+/// share included, so it is over a kilobyte).
+pub fn client_hello(sni: &str) -> Vec<u8> {
+    let config = client_config(Arc::new(RootCertStore::empty()), None, &[]);
+    let name = ServerName::try_from(sni.to_owned()).expect("name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("write hello");
+    }
+    out
+}
+
+/// Deterministic test data of `len` bytes.
+pub fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8).collect()
+}
+
+/// Bounds a test step.
+pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, f).await.unwrap_or_else(|_| panic!("{what}: no result within {PATIENCE:?}"))
+}
