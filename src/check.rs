@@ -49,39 +49,37 @@ fn describe(m: &Match) -> String {
 pub fn explain(config: &Config, sni: &str, principal: Option<&Principal>) -> String {
     let mut out = String::new();
     let who = principal.map_or("(none)".to_owned(), |p| p.uri().to_owned());
-    let _ = writeln!(out, "sni: {sni}");
-    let _ = writeln!(out, "principal: {who}");
     let name = match ServerName::parse(sni) {
         Ok(n) => n,
         Err(e) => {
+            let _ = writeln!(out, "sni: {sni:?}\nprincipal: {who}");
             let _ = writeln!(out, "decision: denied\nreason: invalid_sni\nwhy: {e}; refused before matching");
             return out;
         }
     };
+    let _ = writeln!(out, "sni: {name}\nprincipal: {who}");
     let policy = Policy::compile(&config.policy);
     let matches = policy.explain(&name, principal);
-    let (decision, reason, why) = match policy.decide(&name, principal) {
-        Decision::Allowed(m) => ("allowed", "allowed", format!("{} matches and no deny pattern does", describe(&m))),
+    let (decision, matched, why) = match policy.decide(&name, principal) {
+        Decision::Allowed(m) => ("allowed", m.label(), format!("{} matches and no deny pattern does", describe(&m))),
         Decision::Denied(m) => {
             let overridden: Vec<String> = matches.iter().filter(|x| x.action == Action::Allow).map(describe).collect();
             let mut why = format!("{} matches; deny wins", describe(&m));
             if !overridden.is_empty() {
                 let _ = write!(why, " over {}", overridden.join(", "));
             }
-            ("denied", "policy_denied", why)
+            ("denied", m.label(), why)
         }
-        Decision::NotAllowed => {
-            ("denied", "policy_denied", "no allow pattern matches; a name nothing matches is denied".to_owned())
-        }
+        Decision::NotAllowed => (
+            "denied",
+            "(none)".to_owned(),
+            "no allow pattern matches; a name nothing matches is denied".to_owned(),
+        ),
     };
-    let _ = writeln!(out, "decision: {decision}\nreason: {reason}");
-    let matched = match policy.decide(&name, principal) {
-        Decision::Allowed(m) | Decision::Denied(m) => m.label(),
-        Decision::NotAllowed => "(none)".into(),
-    };
-    let _ = writeln!(out, "matched_rule: {matched}\nwhy: {why}");
+    let reason = if decision == "allowed" { "allowed" } else { "policy_denied" };
+    let _ = writeln!(out, "decision: {decision}\nreason: {reason}\nmatched_rule: {matched}\nwhy: {why}");
     if name.as_str() != sni {
-        let _ = writeln!(out, "note: compared as {name} (lower case, trailing dot removed)");
+        let _ = writeln!(out, "note: sent as {sni:?}; compared lower-case, trailing dot removed");
     }
     out
 }

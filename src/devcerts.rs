@@ -11,7 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
 };
 use time::{Duration, OffsetDateTime};
@@ -100,7 +100,9 @@ pub fn mint(dir: &Path, spec: &Spec, force: bool) -> Result<Vec<PathBuf>, DevCer
         |id: &Principal, names: &[String], usage: ExtendedKeyUsagePurpose| -> Result<(String, String), DevCertError> {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
             params.distinguished_name.push(DnType::OrganizationName, "snigress development");
+            params.distinguished_name.push(DnType::CommonName, id.uri());
             params.subject_alt_names.push(SanType::URI(id.uri().try_into()?));
             for name in names {
                 params.subject_alt_names.push(match name.parse::<IpAddr>() {

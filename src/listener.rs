@@ -100,7 +100,8 @@ impl Gateway {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let mut loops = tokio::task::JoinSet::new();
         for (info, listener) in self.listeners {
-            tracing::info!(listener = %info.name, mode = info.mode.as_str(), address = ?listener.local_addr().ok(), "listening");
+            let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(listener = %info.name, mode = info.mode.as_str(), %address, "listening");
             loops.spawn(accept_loop(info, listener, self.state.clone(), self.permits.clone(), self.sink.clone()));
         }
         shutdown.await;

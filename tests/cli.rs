@@ -1,0 +1,305 @@
+//! The `snigress` binary as a user runs it: help, exit codes, config errors
+//! with their position, `check --sni`, `certs`, and `run` from start to
+//! SIGTERM on the dev PKI.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+
+use common::*;
+use snigress::config::Config;
+use tokio::net::TcpStream;
+
+fn snigress(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_snigress")).args(args).output().expect("run snigress")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn write(dir: &Path, name: &str, content: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, content).expect("write file");
+    path.display().to_string()
+}
+
+#[test]
+fn help_describes_every_command() {
+    let out = snigress(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for word in ["run", "check", "certs", "64"] {
+        assert!(help.contains(word), "{word:?} missing from --help:\n{help}");
+    }
+    for (command, words) in
+        [("run", &["--config", "SIGTERM"][..]), ("check", &["--sni", "--principal"]), ("certs", &["--out", "--client"])]
+    {
+        let out = snigress(&[command, "--help"]);
+        assert!(out.status.success(), "{command} --help");
+        let help = text(&out.stdout);
+        for word in words {
+            assert!(help.contains(word), "{word:?} missing from {command} --help:\n{help}");
+        }
+    }
+    let out = snigress(&["run"]);
+    assert_eq!(out.status.code(), Some(2), "a missing argument is a usage error");
+}
+
+#[test]
+fn a_bad_config_exits_64_naming_key_line_and_column_before_binding() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The listener's port is held here: had snigress tried to bind before
+    // validating, it would fail with a bind error (exit 1) instead.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("addr").port();
+    let config = write(
+        dir.path(),
+        "bad.yaml",
+        &format!(
+            "listeners:\n  - name: pt\n    address: 127.0.0.1:{port}\n    mode: passthrough\npolicy:\n  allow: [ok.example]\n  alow: [typo.example]\n"
+        ),
+    );
+    for command in ["run", "check"] {
+        let out = snigress(&[command, "--config", &config]);
+        assert_eq!(out.status.code(), Some(64), "{command}: {}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(err.contains("alow"), "{err}");
+        assert!(err.contains("bad.yaml:7:3"), "{err}");
+    }
+
+    let missing = dir.path().join("missing.yaml").display().to_string();
+    let out = snigress(&["check", "--config", &missing]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("missing.yaml"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn check_explains_decisions() {
+    let out = snigress(&["check", "--config", "config/local.yaml", "--sni", "de.wikipedia.org"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("decision: allowed"), "{stdout}");
+    assert!(stdout.contains("matched_rule: *.wikipedia.org"), "{stdout}");
+
+    let out = snigress(&["check", "--config", "config/local.yaml", "--sni", "EN.Wikipedia.org."]);
+    assert!(out.status.success(), "a refused name is still a valid config");
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("sni: en.wikipedia.org"), "names are normalised: {stdout}");
+    assert!(stdout.contains("decision: denied"), "{stdout}");
+    assert!(stdout.contains("matched_rule: en.wikipedia.org"), "{stdout}");
+    assert!(stdout.contains("deny wins"), "{stdout}");
+
+    let out = snigress(&["check", "--config", "config/local.yaml", "--sni", "10.0.0.1"]);
+    assert!(text(&out.stdout).contains("decision: denied"), "{}", text(&out.stdout));
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "rules.yaml",
+        "listeners:\n  - {name: pt, address: 127.0.0.1:0, mode: passthrough}\npolicy:\n  rules:\n    - name: pay\n      service_accounts: [payments/checkout]\n      allow: [api.stripe.com]\n",
+    );
+    let out = snigress(&[
+        "check",
+        "--config",
+        &config,
+        "--sni",
+        "api.stripe.com",
+        "--principal",
+        "spiffe://cluster.local/ns/payments/sa/checkout",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("decision: allowed") && stdout.contains("pay:api.stripe.com"), "{stdout}");
+    let out = snigress(&["check", "--config", &config, "--sni", "api.stripe.com"]);
+    assert!(text(&out.stdout).contains("decision: denied"));
+    let out = snigress(&["check", "--config", &config, "--sni", "a.example", "--principal", "not-a-spiffe-id"]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let out = snigress(&["check", "--config", "config/local.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The reference names production certificate paths that do not exist
+    // here: everything but the files themselves is checked.
+    let reference = Config::load(Path::new("config/snigress.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reference.listeners.len(), 2);
+}
+
+#[test]
+fn certs_mints_a_mesh_pki_with_spiffe_ids() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out_dir = dir.path().join("pki").display().to_string();
+    let out = snigress(&[
+        "certs",
+        "--out",
+        &out_dir,
+        "--client",
+        "spiffe://cluster.local/ns/shop/sa/cart",
+        "--client",
+        "spiffe://cluster.local/ns/default/sa/sleep",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let pki = Path::new(&out_dir);
+    for f in ["ca.pem", "ca.key", "gateway.pem", "gateway.key", "client-shop-cart.pem", "client-default-sleep.key"] {
+        assert!(pki.join(f).is_file(), "{f} missing; stdout:\n{}", text(&out.stdout));
+    }
+    let pem = std::fs::read(pki.join("client-shop-cart.pem")).expect("read");
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem).map(|c: rustls::pki_types::CertificateDer| c);
+    let principal = snigress::mtls::spiffe_id(&der.expect("PEM")).expect("SPIFFE ID");
+    assert_eq!(principal.uri(), "spiffe://cluster.local/ns/shop/sa/cart");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(pki.join("ca.key")).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
+
+    let again = snigress(&["certs", "--out", &out_dir]);
+    assert_eq!(again.status.code(), Some(1), "existing files are not overwritten");
+    assert!(text(&again.stderr).contains("--force"), "{}", text(&again.stderr));
+    assert!(snigress(&["certs", "--out", &out_dir, "--force"]).status.success());
+    let bad = snigress(&["certs", "--out", &out_dir, "--client", "https://nope"]);
+    assert_eq!(bad.status.code(), Some(64));
+}
+
+/// A running `snigress run`, its diagnostic and access-log lines streamed.
+struct Running {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    stdout: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(config: &str) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_snigress"))
+            .args(["run", "--config", config])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let lines = |pipe: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            rx
+        };
+        let stderr = lines(Box::new(child.stderr.take().expect("stderr")));
+        let stdout = lines(Box::new(child.stdout.take().expect("stdout")));
+        Running { child, stderr, stdout }
+    }
+
+    /// The next stderr line containing `needle`.
+    fn diag(&self, needle: &str) -> String {
+        loop {
+            let line = self.stderr.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let status =
+            Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn json(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_mints_the_dev_pki_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "local.yaml",
+        "listeners:\n  - {name: pt, address: 127.0.0.1:0, mode: passthrough}\n  - {name: mesh, address: 127.0.0.1:0, mode: mtls}\nmtls:\n  dev_pki: pki\npolicy:\n  allow: [\"*.allowed.test\"]\n",
+    );
+    let running = Running::start(&config);
+    let warning = json(&running.diag("DEVELOPMENT PKI"));
+    assert_eq!(warning["level"], "WARN");
+    let client_cert = warning["fields"]["client_cert"].as_str().expect("client cert path").to_owned();
+    assert!(Path::new(&client_cert).is_file(), "{client_cert}");
+
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let line = json(&running.diag("listening"));
+        let addr: SocketAddr = line["fields"]["address"].as_str().expect("address").parse().expect("socket address");
+        addrs.push((line["fields"]["listener"].as_str().expect("name").to_owned(), addr));
+    }
+    let addr_of = |name: &str| addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a).expect("listener");
+
+    // A refused name on each listener: the alert reaches the client and the
+    // access record reaches stdout.
+    let pki_dir = dir.path().join("pki");
+    let mesh_roots = {
+        let mut store = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::pem::PemObject::pem_file_iter(pki_dir.join("ca.pem")).expect("CA") {
+            store.add(c.expect("cert")).expect("root");
+        }
+        std::sync::Arc::new(store)
+    };
+    let identity = {
+        let certs = rustls::pki_types::pem::PemObject::pem_file_iter(&client_cert)
+            .expect("cert")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certs");
+        let key_path = warning["fields"]["client_key"].as_str().expect("key path");
+        (certs, rustls::pki_types::pem::PemObject::from_pem_file(key_path).expect("key"))
+    };
+    let internet = Internet::new();
+    within("refusals through the binary", async {
+        let tcp = TcpStream::connect(addr_of("pt")).await.expect("connect");
+        let e = inner_connect(tcp, "a.denied.test", internet.roots.clone()).await.expect_err("refused");
+        assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+
+        let outer = outer_connect(addr_of("mesh"), &mesh_roots, Some(identity), &[]).await.expect("outer mTLS");
+        let e = inner_connect(outer, "b.denied.test", internet.roots.clone()).await.expect_err("refused");
+        assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+    })
+    .await;
+
+    let mut records: Vec<serde_json::Value> = (0..2)
+        .map(|_| json(&running.stdout.recv_timeout(PATIENCE).expect("access record on stdout")))
+        .collect();
+    records.sort_by_key(|r| r["sni"].as_str().unwrap_or("").to_owned());
+    assert_eq!(records[0]["sni"], "a.denied.test");
+    assert_eq!(records[0]["listener"], "pt");
+    assert_eq!(records[0]["decision"], "denied");
+    assert_eq!(records[1]["sni"], "b.denied.test");
+    assert_eq!(records[1]["principal"], "spiffe://cluster.local/ns/default/sa/sleep");
+
+    let status = running.stop();
+    assert!(status.success(), "SIGTERM is a clean exit: {status:?}");
+}
+
+#[test]
+fn run_reports_a_port_in_use_and_exits_1() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("addr").port();
+    let config = write(
+        dir.path(),
+        "c.yaml",
+        &format!("listeners:\n  - {{name: pt, address: 127.0.0.1:{port}, mode: passthrough}}\n"),
+    );
+    let out = snigress(&["run", "--config", &config]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("pt"), "{err}");
+}
