@@ -70,11 +70,9 @@ pub fn explain(config: &Config, sni: &str, principal: Option<&Principal>) -> Str
             }
             ("denied", m.label(), why)
         }
-        Decision::NotAllowed => (
-            "denied",
-            "(none)".to_owned(),
-            "no allow pattern matches; a name nothing matches is denied".to_owned(),
-        ),
+        Decision::NotAllowed => {
+            ("denied", "(none)".to_owned(), "no allow pattern matches; a name nothing matches is denied".to_owned())
+        }
     };
     let reason = if decision == "allowed" { "allowed" } else { "policy_denied" };
     let _ = writeln!(out, "decision: {decision}\nreason: {reason}\nmatched_rule: {matched}\nwhy: {why}");

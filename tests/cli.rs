@@ -204,8 +204,7 @@ impl Running {
     }
 
     fn stop(mut self) -> std::process::ExitStatus {
-        let status =
-            Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
         assert!(status.success());
         self.child.wait().expect("wait")
     }
@@ -274,9 +273,8 @@ async fn run_mints_the_dev_pki_serves_and_stops_on_sigterm() {
     })
     .await;
 
-    let mut records: Vec<serde_json::Value> = (0..2)
-        .map(|_| json(&running.stdout.recv_timeout(PATIENCE).expect("access record on stdout")))
-        .collect();
+    let mut records: Vec<serde_json::Value> =
+        (0..2).map(|_| json(&running.stdout.recv_timeout(PATIENCE).expect("access record on stdout"))).collect();
     records.sort_by_key(|r| r["sni"].as_str().unwrap_or("").to_owned());
     assert_eq!(records[0]["sni"], "a.denied.test");
     assert_eq!(records[0]["listener"], "pt");

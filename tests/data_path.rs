@@ -349,7 +349,7 @@ async fn non_tls_input_is_refused_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_or_truncated_hello_ends_cleanly() {
+async fn a_stalled_hello_is_closed_after_the_timeout() {
     let options = Options { sections: "timeouts:\n  client_hello: 300ms\n".into(), ..Options::default() };
     let mut h = Harness::with(options).await;
     let hello = client_hello("a.allowed.test");
@@ -361,12 +361,18 @@ async fn a_stalled_or_truncated_hello_ends_cleanly() {
     let r = h.record().await;
     assert_eq!((r.decision, r.reason, r.termination), ("error", "client_hello_timeout", "client_hello_timeout"));
     assert_eq!(r.bytes_from_client, 10);
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closing_mid_hello_is_logged_as_such() {
+    let mut h = Harness::start().await;
+    let hello = client_hello("a.allowed.test");
     let mut tcp = TcpStream::connect(h.addr("passthrough")).await.expect("connect");
     send_in_pieces(&mut tcp, &hello[..hello.len() - 1], usize::MAX).await;
     let _ = within("truncated hello", read_all(&mut tcp)).await;
     let r = h.record().await;
     assert_eq!((r.reason, r.termination), ("client_closed_early", "client_closed"));
+    assert_eq!(r.bytes_from_client, hello.len() as u64 - 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,4 +383,74 @@ async fn an_oversized_hello_is_refused_with_decode_error() {
     assert_eq!(alert_of(&e), Some(AlertDescription::DecodeError), "{e}");
     let r = h.record().await;
     assert_eq!((r.decision, r.reason), ("denied", "client_hello_too_large"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_moves_on_to_the_next_address() {
+    let mut h = Harness::start().await;
+    // The resolver hands the addresses over in zone order, so the gateway
+    // really tries 127.0.0.9 (nothing listens) before 127.0.0.1.
+    let settings = snigress::resolve::ResolverSettings {
+        nameservers: Some(vec![h.dns.addr]),
+        ip_family: Default::default(),
+        min_ttl: std::time::Duration::from_secs(1),
+        max_ttl: std::time::Duration::from_secs(60),
+        cache_size: 16,
+        timeout: std::time::Duration::from_secs(10),
+        vetting: snigress::resolve::Vetting {
+            allow_cidrs: vec![snigress::resolve::Cidr::parse("127.0.0.0/8").unwrap()],
+            deny_cidrs: Vec::new(),
+        },
+    };
+    let resolver = snigress::resolve::Resolver::new(&settings).expect("resolver");
+    let name = snigress::name::ServerName::parse("fallback.allowed.test").unwrap();
+    let resolved = within("resolve", resolver.resolve(&name)).await.expect("resolves");
+    assert_eq!(resolved.addrs, ["127.0.0.9".parse::<std::net::IpAddr>().unwrap(), "127.0.0.1".parse().unwrap()]);
+
+    let reply = within("fallback", async {
+        let outer = h.outer("mtls", SLEEP, &[]).await.expect("outer");
+        exchange(h.inner(outer, "fallback.allowed.test").await.expect("inner"), b"z").await.expect("exchange")
+    })
+    .await;
+    assert_eq!(reply, echoed(b"z", "fallback.allowed.test"));
+    let r = h.record().await;
+    assert_eq!(r.upstream_addr, Some(format!("127.0.0.1:{}", h.echo.port).parse().unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_are_counted_when_the_client_resets() {
+    let mut h = Harness::start().await;
+    let mut sent = client_hello("capture.allowed.test");
+    sent.extend_from_slice(&data(100_000, 3));
+    within("reset", async {
+        let mut tcp = TcpStream::connect(h.addr("passthrough-capture")).await.expect("connect");
+        tcp.write_all(&sent).await.expect("write");
+        // Once the upstream has everything, reset instead of closing.
+        h.capture.progress.wait_for(|n| *n >= sent.len()).await.expect("capture running");
+        socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO)).expect("linger");
+        drop(tcp);
+    })
+    .await;
+    let r = h.record().await;
+    assert_eq!((r.decision, r.termination), ("allowed", "client_error"));
+    assert!(r.bytes_from_client >= client_hello("capture.allowed.test").len() as u64, "{}", r.bytes_from_client);
+}
+
+#[test]
+fn a_real_hello_needs_more_at_every_prefix_then_completes() {
+    use snigress::sni::{HelloReader, Progress};
+    let hello = client_hello("prefix.allowed.test");
+    for layout in [hello.clone(), snigress::sni::testing::refragment(&hello, 100)] {
+        let mut reader = HelloReader::new(16 * 1024);
+        for end in 0..layout.len() {
+            assert_eq!(reader.advance(&layout[..end]), Ok(Progress::NeedMore), "prefix {end}");
+        }
+        match reader.advance(&layout) {
+            Ok(Progress::Complete(h)) => {
+                assert_eq!(h.server_name.as_deref(), Some(&b"prefix.allowed.test"[..]));
+                assert_eq!(h.len, layout.len());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -47,6 +47,7 @@ pub const ZONE: &[(&str, &[Ipv4Addr])] = &[
     ("twoaddr.allowed.test", &[Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::LOCALHOST]),
     // Nothing listens on 127.0.0.9.
     ("closed.allowed.test", &[Ipv4Addr::new(127, 0, 0, 9)]),
+    ("fallback.allowed.test", &[Ipv4Addr::new(127, 0, 0, 9), Ipv4Addr::LOCALHOST]),
 ];
 
 /// The mesh identities the test PKI holds client certificates for.
@@ -130,12 +131,23 @@ impl Dns {
         let mut catalog = Catalog::new();
         catalog.upsert(LowerName::new(&origin), vec![Arc::new(z) as Arc<dyn ZoneHandler>]);
         let mut server = Server::new(catalog);
-        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind DNS UDP");
-        let addr = udp.local_addr().expect("DNS address");
-        let tcp = TcpListener::bind(addr).await.expect("bind DNS TCP on the UDP port");
+        let (udp, tcp, addr) = Self::bind_pair().await;
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 4096);
         Dns { addr, _server: server }
+    }
+
+    /// A TCP listener and a UDP socket on the same free port. The kernel
+    /// picks the TCP port; the UDP one may be taken, then try another.
+    async fn bind_pair() -> (UdpSocket, TcpListener, SocketAddr) {
+        for _ in 0..100 {
+            let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind DNS TCP");
+            let addr = tcp.local_addr().expect("DNS address");
+            if let Ok(udp) = UdpSocket::bind(addr).await {
+                return (udp, tcp, addr);
+            }
+        }
+        panic!("no port free for both TCP and UDP on 127.0.0.1");
     }
 }
 
@@ -210,10 +222,12 @@ impl Echo {
 }
 
 /// A plain TCP upstream that keeps every byte of each connection and hands
-/// them over when the client has finished sending.
+/// them over when the client has finished sending; `progress` counts bytes
+/// received so far over all connections.
 pub struct Capture {
     pub port: u16,
     pub received: mpsc::UnboundedReceiver<Vec<u8>>,
+    pub progress: tokio::sync::watch::Receiver<usize>,
 }
 
 impl Capture {
@@ -221,17 +235,23 @@ impl Capture {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind capture");
         let port = listener.local_addr().expect("capture address").port();
         let (tx, received) = mpsc::unbounded_channel();
+        let (count, progress) = tokio::sync::watch::channel(0usize);
+        let count = Arc::new(count);
         tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
-                let tx = tx.clone();
+                let (tx, count) = (tx.clone(), count.clone());
                 tokio::spawn(async move {
                     let mut all = Vec::new();
-                    let _ = tcp.read_to_end(&mut all).await;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                        all.extend_from_slice(&buf[..n]);
+                        count.send_modify(|c| *c += n);
+                    }
                     let _ = tx.send(all);
                 });
             }
         });
-        Capture { port, received }
+        Capture { port, received, progress }
     }
 
     pub async fn next(&mut self) -> Vec<u8> {
