@@ -112,6 +112,15 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// The metrics endpoint and label caps.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsSettings {
+    /// `None`: no endpoint (metrics are still kept).
+    pub address: Option<SocketAddr>,
+    pub max_sni_values: usize,
+    pub max_source_values: usize,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
@@ -129,6 +138,7 @@ pub struct Config {
     pub limits: Limits,
     /// `None`: stdout.
     pub access_log: Option<PathBuf>,
+    pub metrics: MetricsSettings,
     /// Where things are in the file, for errors found after parsing.
     origin: Origin,
 }
@@ -295,6 +305,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     access_log: RawAccessLog,
+    #[serde(default)]
+    metrics: RawMetrics,
 }
 
 #[derive(Deserialize)]
@@ -464,6 +476,30 @@ fn d_client_hello_bytes() -> Spanned<usize> {
 impl Default for RawLimits {
     fn default() -> Self {
         RawLimits { max_connections: d_max_connections(), client_hello_bytes: d_client_hello_bytes() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(default)]
+    address: Option<Spanned<Addr>>,
+    #[serde(default = "d_max_sni_values")]
+    max_sni_values: Spanned<usize>,
+    #[serde(default = "d_max_source_values")]
+    max_source_values: Spanned<usize>,
+}
+
+fn d_max_sni_values() -> Spanned<usize> {
+    unspanned(crate::metrics::defaults::MAX_SNI_VALUES)
+}
+fn d_max_source_values() -> Spanned<usize> {
+    unspanned(crate::metrics::defaults::MAX_SOURCE_VALUES)
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics { address: None, max_sni_values: d_max_sni_values(), max_source_values: d_max_source_values() }
     }
 }
 
@@ -690,6 +726,23 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         ));
     }
 
+    let m = raw.metrics;
+    for (key, cap) in [("max_sni_values", &m.max_sni_values), ("max_source_values", &m.max_source_values)] {
+        if cap.value == 0 {
+            return Err(ctx.at(cap, format!("metrics.{key}: must be at least 1")));
+        }
+    }
+    if let Some(addr) = &m.address
+        && listeners.iter().any(|l: &Listener| l.address == addr.value.0 && addr.value.0.port() != 0)
+    {
+        return Err(ctx.at(addr, format!("metrics.address: {} is also a listener's address", addr.value.0)));
+    }
+    let metrics = MetricsSettings {
+        address: m.address.map(|a| a.value.0),
+        max_sni_values: m.max_sni_values.value,
+        max_source_values: m.max_source_values.value,
+    };
+
     let access_log = match raw.access_log.path.as_deref() {
         None | Some("-") => None,
         Some(p) => Some(ctx.path(p)),
@@ -714,6 +767,7 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         timeouts,
         limits: Limits { max_connections: l.max_connections.value, client_hello_bytes: hello },
         access_log,
+        metrics,
         origin,
     })
 }

@@ -19,6 +19,7 @@ use crate::access_log::{Record, printable, rfc3339};
 use crate::config::{Limits, Mode, Timeouts};
 use crate::connect::connect;
 use crate::identity::Principal;
+use crate::metrics::{ConnectionKey, DnsResult, INVALID, Metrics};
 use crate::mtls::Outer;
 use crate::name::ServerName;
 use crate::policy::{Decision, Policy};
@@ -80,24 +81,35 @@ struct Facts {
     ech: bool,
     matched_rule: Option<String>,
     upstream_addr: Option<SocketAddr>,
+    /// Metric labels, once the name and the decision are known.
+    key: Option<ConnectionKey>,
 }
 
 /// Runs one accepted connection to its end and returns its access record.
-pub async fn handle(tcp: TcpStream, client_addr: SocketAddr, listener: &ListenerInfo, state: Arc<State>) -> Record {
+pub async fn handle(
+    tcp: TcpStream,
+    client_addr: SocketAddr,
+    listener: &ListenerInfo,
+    state: Arc<State>,
+    metrics: &Metrics,
+) -> Record {
     let started = (SystemTime::now(), Instant::now());
+    let _active = metrics.open(&listener.name);
     let transfer = Transfer::default();
     let mut facts = Facts::default();
+    let stage = Stage { listener, state: &state, metrics, transfer: &transfer };
     let outcome = match listener.mode {
-        Mode::Passthrough => inner(tcp, listener, &state, &transfer, &mut facts).await,
+        Mode::Passthrough => stage.inner(tcp, &mut facts).await,
         Mode::Mtls => match state.outer.as_ref() {
             None => Outcome::error("internal_error", "refused", "mtls listener without outer TLS settings"),
             Some(outer) => match outer.accept(tcp).await {
                 Ok((tls, peer)) => {
                     facts.principal = Some(peer.principal);
                     facts.outer_sni = peer.outer_sni;
-                    inner(tls, listener, &state, &transfer, &mut facts).await
+                    stage.inner(tls, &mut facts).await
                 }
                 Err(e) => {
+                    metrics.handshake_failed(&listener.name, e.reason());
                     let termination =
                         if e.reason() == "outer_handshake_timeout" { "handshake_timeout" } else { "handshake_failed" };
                     Outcome { decision: "denied", reason: e.reason(), termination, detail: Some(e.to_string()) }
@@ -105,6 +117,17 @@ pub async fn handle(tcp: TcpStream, client_addr: SocketAddr, listener: &Listener
             },
         },
     };
+    // Connections that ended before their name was judged are counted now.
+    let key = match facts.key.take() {
+        Some(key) => key,
+        None => {
+            let sni = facts.sni.as_ref().map(|_| INVALID);
+            let key = metrics.key(sni, facts.principal.as_ref(), false);
+            transfer.attach(metrics.bytes(&key));
+            key
+        }
+    };
+    metrics.finished(&listener.name, &key, outcome.decision, outcome.reason, started.1.elapsed());
     record(started, client_addr, listener, facts, outcome, &transfer)
 }
 
@@ -115,9 +138,12 @@ pub fn refused_at_accept(
     listener: &ListenerInfo,
     reason: &'static str,
     detail: &str,
+    metrics: &Metrics,
 ) -> Record {
     let started = (SystemTime::now(), Instant::now());
     let outcome = Outcome::refused(reason, detail);
+    let key = metrics.key(None, None, false);
+    metrics.finished(&listener.name, &key, outcome.decision, outcome.reason, Duration::ZERO);
     record(started, client_addr, listener, Facts::default(), outcome, &Transfer::default())
 }
 
@@ -153,92 +179,121 @@ fn record(
     }
 }
 
-/// The inner stages, on the decrypted stream (mtls) or the raw socket
-/// (passthrough).
-async fn inner<S>(
-    mut client: S,
-    listener: &ListenerInfo,
-    state: &State,
-    transfer: &Transfer,
-    facts: &mut Facts,
-) -> Outcome
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    // Inner ClientHello.
-    let (buf, hello) = match read_hello(&mut client, state, transfer).await {
-        Ok(found) => found,
-        Err(HelloFailure { outcome, alert: Some(a) }) => return refuse(client, a, outcome).await,
-        Err(HelloFailure { outcome, alert: None }) => return outcome,
-    };
-    facts.ech = hello.ech;
+/// What the inner stages work with.
+struct Stage<'a> {
+    listener: &'a ListenerInfo,
+    state: &'a State,
+    metrics: &'a Metrics,
+    transfer: &'a Transfer,
+}
 
-    // Name.
-    let name = match hello.server_name.as_deref() {
-        None => {
-            let outcome = Outcome::refused("no_sni", "the ClientHello has no server_name");
-            return refuse(client, alert::UNRECOGNIZED_NAME, outcome).await;
-        }
-        Some(raw) => match ServerName::from_bytes(raw) {
-            Ok(name) => name,
-            Err(e) => {
-                facts.sni = Some(printable(raw));
-                let outcome = Outcome::refused("invalid_sni", e.to_string());
+impl Stage<'_> {
+    /// The inner stages, on the decrypted stream (mtls) or the raw socket
+    /// (passthrough).
+    async fn inner<S>(&self, mut client: S, facts: &mut Facts) -> Outcome
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Stage { listener, state, metrics, transfer } = *self;
+
+        // Inner ClientHello.
+        let (buf, hello) = match read_hello(&mut client, state, transfer).await {
+            Ok(found) => found,
+            Err(HelloFailure { outcome, alert: Some(a) }) => return refuse(client, a, outcome).await,
+            Err(HelloFailure { outcome, alert: None }) => return outcome,
+        };
+        facts.ech = hello.ech;
+        metrics.hello(&listener.name, hello.len);
+
+        // Name.
+        let name = match hello.server_name.as_deref() {
+            None => {
+                let outcome = Outcome::refused("no_sni", "the ClientHello has no server_name");
                 return refuse(client, alert::UNRECOGNIZED_NAME, outcome).await;
             }
-        },
-    };
-    facts.sni = Some(name.to_string());
+            Some(raw) => match ServerName::from_bytes(raw) {
+                Ok(name) => name,
+                Err(e) => {
+                    facts.sni = Some(printable(raw));
+                    let outcome = Outcome::refused("invalid_sni", e.to_string());
+                    return refuse(client, alert::UNRECOGNIZED_NAME, outcome).await;
+                }
+            },
+        };
+        facts.sni = Some(name.to_string());
 
-    // Policy.
-    match state.policy.decide(&name, facts.principal.as_ref()) {
-        Decision::Allowed(m) => facts.matched_rule = Some(m.label()),
-        Decision::Denied(m) => {
-            facts.matched_rule = Some(m.label());
-            let outcome = Outcome::refused("policy_denied", format!("deny pattern {} matched", m.label()));
-            return refuse(client, alert::ACCESS_DENIED, outcome).await;
+        // Policy. From here on the connection's bytes are counted under its
+        // name, live.
+        let decision = state.policy.decide(&name, facts.principal.as_ref());
+        let allowed = matches!(decision, Decision::Allowed(_));
+        let key = metrics.key(Some(name.as_str()), facts.principal.as_ref(), allowed);
+        transfer.attach(metrics.bytes(&key));
+        facts.key = Some(key);
+        match decision {
+            Decision::Allowed(m) => facts.matched_rule = Some(m.label()),
+            Decision::Denied(m) => {
+                facts.matched_rule = Some(m.label());
+                let outcome = Outcome::refused("policy_denied", format!("deny pattern {} matched", m.label()));
+                return refuse(client, alert::ACCESS_DENIED, outcome).await;
+            }
+            Decision::NotAllowed => {
+                let outcome = Outcome::refused("policy_denied", "no allow pattern matched");
+                return refuse(client, alert::ACCESS_DENIED, outcome).await;
+            }
         }
-        Decision::NotAllowed => {
-            let outcome = Outcome::refused("policy_denied", "no allow pattern matched");
-            return refuse(client, alert::ACCESS_DENIED, outcome).await;
+
+        // Resolve and vet.
+        let asked = Instant::now();
+        let resolved = state.resolver.resolve(&name).await;
+        let dns_result = match &resolved {
+            Ok(_) | Err(ResolveError::AllRefused(_)) => DnsResult::Ok,
+            Err(ResolveError::NxDomain) => DnsResult::NxDomain,
+            Err(ResolveError::NoAddresses) => DnsResult::NoAddresses,
+            Err(ResolveError::Timeout) => DnsResult::Timeout,
+            Err(ResolveError::Failed(_)) => DnsResult::Error,
+        };
+        metrics.dns(dns_result, resolved.as_ref().is_ok_and(|r| r.cached), asked.elapsed());
+        let resolved = match resolved {
+            Ok(r) => r,
+            Err(e) => {
+                let (alert, termination) = match &e {
+                    ResolveError::AllRefused(_) => (alert::ACCESS_DENIED, "refused"),
+                    ResolveError::NxDomain | ResolveError::NoAddresses => (alert::UNRECOGNIZED_NAME, "refused"),
+                    ResolveError::Timeout => (alert::INTERNAL_ERROR, "dns_timeout"),
+                    ResolveError::Failed(_) => (alert::INTERNAL_ERROR, "refused"),
+                };
+                let decision = if matches!(e, ResolveError::AllRefused(_)) { "denied" } else { "error" };
+                let outcome = Outcome { decision, reason: e.reason(), termination, detail: Some(e.to_string()) };
+                return refuse(client, alert, outcome).await;
+            }
+        };
+        if !resolved.refused.is_empty() {
+            tracing::info!(sni = %name, refused = ?resolved.refused, "some addresses refused by vetting");
         }
+
+        // Connect.
+        let dialled = Instant::now();
+        let connected = connect(&resolved.addrs, listener.upstream_port, state.timeouts.connect).await;
+        let (mut upstream, addr) = match connected {
+            Ok(found) => {
+                metrics.connect("ok", dialled.elapsed());
+                found
+            }
+            Err(e) => {
+                metrics.connect(if e.all_timed_out { "timeout" } else { "failed" }, dialled.elapsed());
+                facts.upstream_addr = resolved.addrs.last().map(|ip| SocketAddr::new(*ip, listener.upstream_port));
+                let termination = if e.all_timed_out { "connect_timeout" } else { "refused" };
+                let outcome = Outcome::error(e.reason(), termination, e.to_string());
+                return refuse(client, alert::INTERNAL_ERROR, outcome).await;
+            }
+        };
+        facts.upstream_addr = Some(addr);
+
+        // Replay and splice.
+        // Everything read so far is replayed: the hello and whatever followed it.
+        let termination = splice(&mut client, &mut upstream, buf, state.timeouts.idle, transfer).await;
+        Outcome { decision: "allowed", reason: "allowed", termination: termination.as_str(), detail: None }
     }
-
-    // Resolve and vet.
-    let resolved = match state.resolver.resolve(&name).await {
-        Ok(r) => r,
-        Err(e) => {
-            let (alert, termination) = match &e {
-                ResolveError::AllRefused(_) => (alert::ACCESS_DENIED, "refused"),
-                ResolveError::NxDomain | ResolveError::NoAddresses => (alert::UNRECOGNIZED_NAME, "refused"),
-                ResolveError::Timeout => (alert::INTERNAL_ERROR, "dns_timeout"),
-                ResolveError::Failed(_) => (alert::INTERNAL_ERROR, "refused"),
-            };
-            let decision = if matches!(e, ResolveError::AllRefused(_)) { "denied" } else { "error" };
-            let outcome = Outcome { decision, reason: e.reason(), termination, detail: Some(e.to_string()) };
-            return refuse(client, alert, outcome).await;
-        }
-    };
-    if !resolved.refused.is_empty() {
-        tracing::info!(sni = %name, refused = ?resolved.refused, "some addresses refused by vetting");
-    }
-
-    // Connect.
-    let (mut upstream, addr) = match connect(&resolved.addrs, listener.upstream_port, state.timeouts.connect).await {
-        Ok(found) => found,
-        Err(e) => {
-            facts.upstream_addr = resolved.addrs.last().map(|ip| SocketAddr::new(*ip, listener.upstream_port));
-            let termination = if e.all_timed_out { "connect_timeout" } else { "refused" };
-            let outcome = Outcome::error(e.reason(), termination, e.to_string());
-            return refuse(client, alert::INTERNAL_ERROR, outcome).await;
-        }
-    };
-    facts.upstream_addr = Some(addr);
-
-    // Replay and splice.
-    // Everything read so far is replayed: the hello and whatever followed it.
-    let termination = splice(&mut client, &mut upstream, buf, state.timeouts.idle, transfer).await;
-    Outcome { decision: "allowed", reason: "allowed", termination: termination.as_str(), detail: None }
 }
 
 struct HelloFailure {

@@ -13,6 +13,7 @@
 //!  -> connect                 connect.rs    each vetted address in turn
 //!  -> replay + splice         splice.rs     buffered bytes first, then both ways
 //!  -> one access record       access_log.rs JSON line per connection
+//!     + counters               metrics.rs    per SNI and caller, bytes live
 //! ```
 //!
 //! `conn.rs` calls the stages in this order for one connection and produces
@@ -26,11 +27,13 @@
 //! - [`policy`]: compiled patterns and `decide`.
 //! - [`resolve`], [`connect`], [`splice`]: the way to the target.
 //! - [`access_log`]: the per-connection record and its writer.
+//! - [`metrics`], [`admin`]: Prometheus metrics; /metrics, /healthz, /readyz.
 //! - [`devcerts`]: the development PKI.
 
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -39,6 +42,7 @@ pub mod connect;
 pub mod devcerts;
 pub mod identity;
 pub mod listener;
+pub mod metrics;
 pub mod mtls;
 pub mod name;
 pub mod policy;

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,8 +17,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::access_log::Sink;
+use crate::admin;
 use crate::config::{Config, ConfigError, Mode};
 use crate::conn::{self, ListenerInfo, State};
+use crate::metrics::Metrics;
 use crate::mtls::Outer;
 use crate::policy::Policy;
 use crate::resolve::Resolver;
@@ -35,6 +38,8 @@ pub enum StartError {
     Resolver(String),
     #[error("cannot listen on {addr} (listener {name:?}): {error}")]
     Bind { name: String, addr: SocketAddr, error: io::Error },
+    #[error("cannot listen on {addr} (metrics.address): {error}")]
+    BindMetrics { addr: SocketAddr, error: io::Error },
 }
 
 impl State {
@@ -67,6 +72,11 @@ pub struct Gateway {
     /// the connection's task ends.
     permits: Arc<Semaphore>,
     sink: Arc<dyn Sink>,
+    metrics: Arc<Metrics>,
+    /// The metrics endpoint, when configured.
+    admin: Option<TcpListener>,
+    /// What /readyz reports.
+    ready: Arc<AtomicBool>,
 }
 
 impl Gateway {
@@ -83,11 +93,22 @@ impl Gateway {
             let info = ListenerInfo { name: l.name.as_str().into(), mode: l.mode, upstream_port: l.upstream_port };
             listeners.push((info, socket));
         }
+        let admin = match config.metrics.address {
+            None => None,
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|error| StartError::BindMetrics { addr, error })?),
+        };
+        let metrics = Arc::new(Metrics::new(config.metrics.max_sni_values, config.metrics.max_source_values));
+        if let Some(not_after) = state.outer.as_ref().and_then(|o| o.not_after) {
+            metrics.certificate_expiry(not_after);
+        }
         Ok(Gateway {
             listeners,
             state: Arc::new(ArcSwap::from_pointee(state)),
             permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             sink,
+            metrics,
+            admin,
+            ready: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -96,26 +117,52 @@ impl Gateway {
         self.listeners.iter().filter_map(|(info, l)| l.local_addr().ok().map(|a| (info.name.to_string(), a))).collect()
     }
 
+    /// The bound metrics address, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// Accepts on every listener until `shutdown` completes.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let mut loops = tokio::task::JoinSet::new();
+        if let Some(admin) = self.admin {
+            let address = admin.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(%address, "serving /metrics, /healthz and /readyz");
+            let status = admin::Status { metrics: self.metrics.clone(), ready: self.ready.clone() };
+            loops.spawn(admin::serve(admin, status));
+        }
         for (info, listener) in self.listeners {
             let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(listener = %info.name, mode = info.mode.as_str(), %address, "listening");
-            loops.spawn(accept_loop(info, listener, self.state.clone(), self.permits.clone(), self.sink.clone()));
+            let shared = Shared {
+                state: self.state.clone(),
+                permits: self.permits.clone(),
+                sink: self.sink.clone(),
+                metrics: self.metrics.clone(),
+            };
+            loops.spawn(accept_loop(info, listener, shared));
         }
+        // Every listener is bound and the config is loaded.
+        self.ready.store(true, Ordering::Relaxed);
         shutdown.await;
+        self.ready.store(false, Ordering::Relaxed);
         loops.shutdown().await;
     }
 }
 
-async fn accept_loop(
-    info: ListenerInfo,
-    listener: TcpListener,
+/// What every accept loop shares.
+struct Shared {
     state: Arc<ArcSwap<State>>,
     permits: Arc<Semaphore>,
     sink: Arc<dyn Sink>,
-) {
+    metrics: Arc<Metrics>,
+}
+
+async fn accept_loop(info: ListenerInfo, listener: TcpListener, shared: Shared) {
     let info = Arc::new(info);
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
@@ -136,17 +183,19 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
             tracing::warn!(listener = %info.name, client = %client_addr, "connection limit reached; refusing");
             drop(tcp);
             let detail = "limits.max_connections reached";
-            sink.emit(conn::refused_at_accept(client_addr, &info, "connection_limit", detail));
+            let record = conn::refused_at_accept(client_addr, &info, "connection_limit", detail, &shared.metrics);
+            shared.sink.emit(record);
             continue;
         };
         crate::connect::tune(&tcp);
-        let (info, state, sink) = (info.clone(), state.load_full(), sink.clone());
+        let (info, state, sink, metrics) =
+            (info.clone(), shared.state.load_full(), shared.sink.clone(), shared.metrics.clone());
         tokio::spawn(async move {
-            let record = conn::handle(tcp, client_addr, &info, state).await;
+            let record = conn::handle(tcp, client_addr, &info, state, &metrics).await;
             sink.emit(record);
             drop(permit);
         });

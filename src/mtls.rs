@@ -83,8 +83,9 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read: {e}"))
 }
 
-/// Reads and checks the material, and builds the rustls server config.
-pub fn server_config(settings: &OuterSettings) -> Result<Arc<ServerConfig>, MaterialError> {
+/// Reads and checks the material, and builds the rustls server config;
+/// also returns the expiry of the gateway's certificate (Unix seconds).
+pub fn server_config(settings: &OuterSettings) -> Result<(Arc<ServerConfig>, Option<i64>), MaterialError> {
     let paths = &settings.paths;
     let cert_err = |why: String| MaterialError::Cert(paths.cert.clone(), why);
     let key_err = |why: String| MaterialError::Key(paths.key.clone(), why);
@@ -93,9 +94,10 @@ pub fn server_config(settings: &OuterSettings) -> Result<Arc<ServerConfig>, Mate
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&paths.cert).map_err(cert_err)?)
         .collect::<Result<_, _>>()
         .map_err(|e| cert_err(format!("invalid PEM: {e}")))?;
-    if chain.is_empty() {
+    let Some(leaf) = chain.first() else {
         return Err(cert_err("no CERTIFICATE block found".into()));
-    }
+    };
+    let not_after = X509Certificate::from_der(leaf).ok().map(|(_, cert)| cert.validity().not_after.timestamp());
     let key = PrivateKeyDer::from_pem_slice(&read(&paths.key).map_err(key_err)?)
         .map_err(|e| key_err(format!("no usable private key: {e}")))?;
 
@@ -123,7 +125,7 @@ pub fn server_config(settings: &OuterSettings) -> Result<Arc<ServerConfig>, Mate
         .with_single_cert(chain, key)
         .map_err(|e| key_err(format!("does not fit the certificate: {e}")))?;
     config.alpn_protocols = settings.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), not_after))
 }
 
 /// Why a client certificate's identity was refused.
@@ -248,6 +250,8 @@ impl HandshakeError {
 pub struct Outer {
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
+    /// Expiry of the gateway's certificate, Unix seconds.
+    pub not_after: Option<i64>,
 }
 
 impl fmt::Debug for Outer {
@@ -258,10 +262,8 @@ impl fmt::Debug for Outer {
 
 impl Outer {
     pub fn new(settings: &OuterSettings) -> Result<Outer, MaterialError> {
-        Ok(Outer {
-            acceptor: TlsAcceptor::from(server_config(settings)?),
-            handshake_timeout: settings.handshake_timeout,
-        })
+        let (config, not_after) = server_config(settings)?;
+        Ok(Outer { acceptor: TlsAcceptor::from(config), handshake_timeout: settings.handshake_timeout, not_after })
     }
 
     /// Runs the outer handshake under its timeout.

@@ -6,9 +6,11 @@
 //! operator's `deny_cidrs` and `allow_cidrs`; the dialler gets exactly the
 //! addresses that passed, so there is no second lookup to rebind.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::NetError;
@@ -221,12 +223,43 @@ pub struct Resolved {
     pub addrs: Vec<IpAddr>,
     /// Addresses dropped by vetting, for the diagnostic log.
     pub refused: Vec<(IpAddr, &'static str)>,
+    /// Answered from the gateway's cache.
+    pub cached: bool,
+}
+
+/// Vetted answers by name, until their (clamped) TTL runs out. In front of
+/// hickory's own cache so that hits are known (and counted) and vetting is
+/// not repeated; hickory keeps caching negative answers.
+struct Cache {
+    entries: Mutex<HashMap<ServerName, (Instant, Resolved)>>,
+    capacity: usize,
+}
+
+impl Cache {
+    fn get(&self, name: &ServerName) -> Option<Resolved> {
+        let entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (until, resolved) = entries.get(name)?;
+        (*until > Instant::now()).then(|| Resolved { cached: true, ..resolved.clone() })
+    }
+
+    fn put(&self, name: &ServerName, until: Instant, resolved: &Resolved) {
+        let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if entries.len() >= self.capacity {
+            let now = Instant::now();
+            entries.retain(|_, (until, _)| *until > now);
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert(name.clone(), (until, resolved.clone()));
+    }
 }
 
 pub struct Resolver {
     inner: TokioResolver,
     timeout: Duration,
     vetting: Vetting,
+    cache: Cache,
 }
 
 impl Resolver {
@@ -269,18 +302,25 @@ impl Resolver {
         opts.ndots = 0;
         opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
         let inner = builder.build().map_err(|e| format!("cannot build the DNS resolver: {e}"))?;
-        Ok(Resolver { inner, timeout: settings.timeout, vetting: settings.vetting.clone() })
+        let cache = Cache {
+            entries: Mutex::default(),
+            capacity: usize::try_from(settings.cache_size).unwrap_or(usize::MAX).max(1),
+        };
+        Ok(Resolver { inner, timeout: settings.timeout, vetting: settings.vetting.clone(), cache })
     }
 
     /// Resolves `name` and vets every address.
     pub async fn resolve(&self, name: &ServerName) -> Result<Resolved, ResolveError> {
+        if let Some(hit) = self.cache.get(name) {
+            return Ok(hit);
+        }
         // The resolver has its own per-query timeout and retries; this bounds
         // the whole lookup, whatever it does inside.
         let lookup = tokio::time::timeout(self.timeout, self.inner.lookup_ip(name.to_absolute()))
             .await
             .map_err(|_| ResolveError::Timeout)?
             .map_err(classify)?;
-        let mut resolved = Resolved { addrs: Vec::new(), refused: Vec::new() };
+        let mut resolved = Resolved { addrs: Vec::new(), refused: Vec::new(), cached: false };
         for ip in lookup.iter() {
             match self.vetting.vet(ip) {
                 Ok(ip) if !resolved.addrs.contains(&ip) => resolved.addrs.push(ip),
@@ -295,6 +335,7 @@ impl Resolver {
             let list: Vec<String> = resolved.refused.iter().map(|(ip, why)| format!("{ip} ({why})")).collect();
             return Err(ResolveError::AllRefused(list.join(", ")));
         }
+        self.cache.put(name, lookup.valid_until(), &resolved);
         Ok(resolved)
     }
 }

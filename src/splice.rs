@@ -14,6 +14,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -21,25 +22,50 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::metrics::ByteCounters;
+
 /// Size of each direction's copy buffer: one full TLS record (16 KiB of
 /// payload plus its framing), so a record is moved in one read and one write.
 pub const BUF_SIZE: usize = 16 * 1024 + 512;
 
-/// Bytes moved, readable while the connection is open (shared with whoever
-/// reports them live).
+/// Bytes moved, readable while the connection is open, and forwarded to
+/// the connection's metric counters once they are attached.
 #[derive(Debug, Default)]
 pub struct Transfer {
     from_client: AtomicU64,
     to_client: AtomicU64,
+    live: OnceLock<ByteCounters>,
 }
 
 impl Transfer {
     pub fn add_from_client(&self, n: usize) {
         self.from_client.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(live) = self.live.get() {
+            live.add_from_client(n as u64);
+        }
     }
 
     fn add_to_client(&self, n: usize) {
         self.to_client.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(live) = self.live.get() {
+            live.add_to_client(n as u64);
+        }
+    }
+
+    /// Starts forwarding to `counters`, after adding what moved so far.
+    /// Once only: later calls are ignored. Called from the connection's own
+    /// task, like the adds, so nothing is counted twice or lost.
+    pub fn attach(&self, counters: ByteCounters) {
+        if self.live.get().is_some() {
+            return;
+        }
+        counters.add_from_client(self.from_client());
+        counters.add_to_client(self.to_client());
+        let _ = self.live.set(counters);
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.live.get().is_some()
     }
 
     /// Bytes received from the client (the ClientHello included).

@@ -282,6 +282,8 @@ impl Trap {
 pub struct Options {
     /// Extra lines for the `mtls:` section, each without indentation.
     pub mtls: Vec<String>,
+    /// Extra lines for the `metrics:` section, each without indentation.
+    pub metrics: Vec<String>,
     /// Extra top-level sections (`timeouts:`, `limits:`), verbatim.
     pub sections: String,
 }
@@ -297,6 +299,7 @@ pub struct Harness {
     /// Listener addresses by name: mtls, passthrough, mtls-capture,
     /// passthrough-capture.
     pub addrs: Vec<(String, SocketAddr)>,
+    pub metrics_addr: SocketAddr,
     pub records: mpsc::UnboundedReceiver<Record>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -326,11 +329,12 @@ impl Harness {
         let (tx, records) = mpsc::unbounded_channel();
         let gateway = Gateway::bind(&config, Arc::new(Channel(tx))).await.expect("gateway binds");
         let addrs = gateway.local_addrs();
+        let metrics_addr = gateway.metrics_addr().expect("metrics endpoint");
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(gateway.serve(async move {
             let _ = stopped.await;
         }));
-        Harness { pki, internet, dns, echo, capture, trap, addrs, records, stop: Some(stop) }
+        Harness { pki, internet, dns, echo, capture, trap, addrs, metrics_addr, records, stop: Some(stop) }
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
@@ -361,6 +365,7 @@ pub type OuterStream = tokio_rustls::client::TlsStream<TcpStream>;
 pub fn config_text(pki: &Pki, dns: SocketAddr, echo: u16, capture: u16, options: &Options) -> String {
     let dir = pki.dir.path().display();
     let mtls_extra: String = options.mtls.iter().map(|l| format!("  {l}\n")).collect();
+    let metrics_extra: String = options.metrics.iter().map(|l| format!("  {l}\n")).collect();
     format!(
         "listeners:
   - name: mtls
@@ -394,7 +399,9 @@ resolver:
   nameservers: [\"{dns}\"]
   allow_cidrs: [127.0.0.0/8]
   deny_cidrs: [127.0.0.2/32]
-{sections}",
+metrics:
+  address: 127.0.0.1:0
+{metrics_extra}{sections}",
         sections = options.sections
     )
 }
@@ -503,4 +510,68 @@ pub fn data(len: usize, seed: u8) -> Vec<u8> {
 /// Bounds a test step.
 pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
     tokio::time::timeout(PATIENCE, f).await.unwrap_or_else(|_| panic!("{what}: no result within {PATIENCE:?}"))
+}
+
+/// A plain HTTP/1.1 GET (or another method); status code, headers (lower
+/// case names) and body.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect to metrics");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("send request");
+    let (raw, _) = read_all(&mut tcp).await;
+    let raw = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("response head");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// The `/metrics` text of a gateway.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let (status, _, body) = within("scrape", http(addr, "GET", "/metrics", &[])).await;
+    assert_eq!(status, 200);
+    body
+}
+
+/// A sample of the text format: name, labels, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// Every sample line of a text exposition.
+pub fn samples(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = value.parse().expect("number");
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_owned(), Vec::new()),
+            Some((name, rest)) => {
+                let rest = rest.strip_suffix('}').expect("closing brace");
+                let labels = rest
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").expect("label");
+                        (k.to_owned(), v.trim_end_matches('"').to_owned())
+                    })
+                    .collect();
+                (name.to_owned(), labels)
+            }
+        };
+        out.push((name, labels, value));
+    }
+    out
+}
+
+/// Sum of the samples of `name` whose labels include all of `want`.
+pub fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    samples(text)
+        .into_iter()
+        .filter(|(n, labels, _)| {
+            n == name && want.iter().all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
 }
