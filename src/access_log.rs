@@ -58,7 +58,13 @@ pub trait Sink: Send + Sync {
 
 /// JSON lines on a writer thread.
 pub struct JsonLines {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Message>,
+}
+
+enum Message {
+    Record(Box<Record>),
+    /// Answered once everything sent before it is written and flushed.
+    Flush(mpsc::Sender<()>),
 }
 
 impl JsonLines {
@@ -72,7 +78,7 @@ impl JsonLines {
     }
 
     pub fn spawn(out: Box<dyn Write + Send>) -> JsonLines {
-        let (tx, rx) = mpsc::channel::<Record>();
+        let (tx, rx) = mpsc::channel::<Message>();
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_loop(rx, out))
@@ -80,26 +86,41 @@ impl JsonLines {
             .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the access-log thread"));
         JsonLines { tx }
     }
+
+    /// Waits (at most `timeout`) until every record emitted so far is written.
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Message::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(timeout);
+        }
+    }
 }
 
 /// Writes each record as one line; flushes whenever the queue is empty, so a
 /// burst costs one flush and a lone record is visible at once.
-fn write_loop(rx: mpsc::Receiver<Record>, out: Box<dyn Write + Send>) {
+fn write_loop(rx: mpsc::Receiver<Message>, out: Box<dyn Write + Send>) {
     let mut out = BufWriter::new(out);
-    let write_one = |out: &mut BufWriter<_>, record: Record| {
-        if let Err(e) =
-            serde_json::to_writer(&mut *out, &record).map_err(io::Error::from).and_then(|()| out.write_all(b"\n"))
-        {
-            tracing::error!(error = %e, "cannot write the access log");
+    let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
+    let handle = |out: &mut BufWriter<_>, message: Message, waiting: &mut Vec<mpsc::Sender<()>>| match message {
+        Message::Record(record) => {
+            if let Err(e) =
+                serde_json::to_writer(&mut *out, &record).map_err(io::Error::from).and_then(|()| out.write_all(b"\n"))
+            {
+                tracing::error!(error = %e, "cannot write the access log");
+            }
         }
+        Message::Flush(done) => waiting.push(done),
     };
-    while let Ok(record) = rx.recv() {
-        write_one(&mut out, record);
-        while let Ok(record) = rx.try_recv() {
-            write_one(&mut out, record);
+    while let Ok(message) = rx.recv() {
+        handle(&mut out, message, &mut waiting);
+        while let Ok(message) = rx.try_recv() {
+            handle(&mut out, message, &mut waiting);
         }
         if let Err(e) = out.flush() {
             tracing::error!(error = %e, "cannot flush the access log");
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
         }
     }
 }
@@ -108,7 +129,7 @@ impl Sink for JsonLines {
     fn emit(&self, record: Record) {
         // The writer thread lives as long as the process; if it died, the
         // record is lost and the diagnostic log says so.
-        if self.tx.send(record).is_err() {
+        if self.tx.send(Message::Record(Box::new(record))).is_err() {
             tracing::error!("access-log writer is gone; record dropped");
         }
     }

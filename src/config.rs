@@ -59,6 +59,16 @@ pub mod defaults {
     /// client sends fits while a hostile one cannot make us buffer more.
     pub const CLIENT_HELLO_BYTES: usize = 16 * 1024;
     pub const CLIENT_HELLO_BYTES_MIN: usize = 512;
+    /// Connections from one client address: a quarter of the global limit,
+    /// so one misbehaving caller cannot take every slot while a normal pod
+    /// (a few hundred connections at most) never meets it.
+    pub const MAX_CONNECTIONS_PER_SOURCE: usize = 2_500;
+    /// After SIGTERM, keep accepting this long: Kubernetes takes a few
+    /// seconds to take a terminating pod out of its Service's endpoints.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+    /// Then let connections in flight finish for up to this long; grace plus
+    /// drain stays under Kubernetes' default 30 s termination grace period.
+    pub const DRAIN: Duration = Duration::from_secs(20);
     pub const CLIENT_HELLO_BYTES_MAX: usize = 64 * 1024;
 }
 
@@ -81,7 +91,7 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
@@ -110,10 +120,12 @@ pub struct Timeouts {
     pub dns: Duration,
     pub connect: Duration,
     pub idle: Duration,
+    /// Longest a connection may live, whatever it does; `None`: no limit.
+    pub max_lifetime: Option<Duration>,
 }
 
 /// The metrics endpoint and label caps.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetricsSettings {
     /// `None`: no endpoint (metrics are still kept).
     pub address: Option<SocketAddr>,
@@ -124,7 +136,17 @@ pub struct MetricsSettings {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    pub max_connections_per_source: usize,
     pub client_hello_bytes: usize,
+}
+
+/// What happens on SIGTERM/SIGINT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shutdown {
+    /// Keep accepting this long after the signal (readiness is already off).
+    pub grace_period: Duration,
+    /// Then wait this long for connections in flight before closing them.
+    pub drain_timeout: Duration,
 }
 
 /// A validated configuration.
@@ -139,6 +161,9 @@ pub struct Config {
     /// `None`: stdout.
     pub access_log: Option<PathBuf>,
     pub metrics: MetricsSettings,
+    pub shutdown: Shutdown,
+    /// Refuse inner ClientHellos that carry encrypted_client_hello.
+    pub refuse_ech: bool,
     /// Where things are in the file, for errors found after parsing.
     origin: Origin,
 }
@@ -189,6 +214,32 @@ impl Config {
             alpn: mtls.alpn.clone(),
             handshake_timeout: self.timeouts.handshake,
         })
+    }
+
+    /// What differs from `running` that only a restart can apply (listener
+    /// sockets, the metrics endpoint, the access-log file, connection-limit
+    /// sizes, shutdown timing). Empty: `self` can replace it live.
+    pub fn restart_needed(&self, running: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.listeners != running.listeners {
+            keys.push("listeners");
+        }
+        if self.metrics != running.metrics {
+            keys.push("metrics");
+        }
+        if self.access_log != running.access_log {
+            keys.push("access_log");
+        }
+        if self.limits.max_connections != running.limits.max_connections {
+            keys.push("limits.max_connections");
+        }
+        if self.limits.max_connections_per_source != running.limits.max_connections_per_source {
+            keys.push("limits.max_connections_per_source");
+        }
+        if self.shutdown != running.shutdown {
+            keys.push("shutdown");
+        }
+        keys
     }
 
     /// A certificate-loading error, pointed at the key it is about.
@@ -307,6 +358,30 @@ struct RawConfig {
     access_log: RawAccessLog,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    shutdown: RawShutdown,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    #[serde(default = "d_grace")]
+    grace_period: Spanned<Dur>,
+    #[serde(default = "d_drain")]
+    drain_timeout: Spanned<Dur>,
+}
+
+fn d_grace() -> Spanned<Dur> {
+    unspanned(Dur(defaults::SHUTDOWN_GRACE))
+}
+fn d_drain() -> Spanned<Dur> {
+    unspanned(Dur(defaults::DRAIN))
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        RawShutdown { grace_period: d_grace(), drain_timeout: d_drain() }
+    }
 }
 
 #[derive(Deserialize)]
@@ -349,6 +424,8 @@ struct RawPolicy {
     deny: Vec<PatternField>,
     #[serde(default)]
     rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    refuse_ech: bool,
 }
 
 #[derive(Deserialize)]
@@ -427,6 +504,8 @@ struct RawTimeouts {
     connect: Spanned<Dur>,
     #[serde(default = "d_idle")]
     idle: Spanned<Dur>,
+    #[serde(default)]
+    max_lifetime: Option<Spanned<Dur>>,
 }
 
 fn d_handshake() -> Spanned<Dur> {
@@ -453,6 +532,7 @@ impl Default for RawTimeouts {
             dns: d_dns(),
             connect: d_connect(),
             idle: d_idle(),
+            max_lifetime: None,
         }
     }
 }
@@ -462,6 +542,8 @@ impl Default for RawTimeouts {
 struct RawLimits {
     #[serde(default = "d_max_connections")]
     max_connections: Spanned<usize>,
+    #[serde(default = "d_max_per_source")]
+    max_connections_per_source: Spanned<usize>,
     #[serde(default = "d_client_hello_bytes")]
     client_hello_bytes: Spanned<usize>,
 }
@@ -469,13 +551,20 @@ struct RawLimits {
 fn d_max_connections() -> Spanned<usize> {
     unspanned(defaults::MAX_CONNECTIONS)
 }
+fn d_max_per_source() -> Spanned<usize> {
+    unspanned(defaults::MAX_CONNECTIONS_PER_SOURCE)
+}
 fn d_client_hello_bytes() -> Spanned<usize> {
     unspanned(defaults::CLIENT_HELLO_BYTES)
 }
 
 impl Default for RawLimits {
     fn default() -> Self {
-        RawLimits { max_connections: d_max_connections(), client_hello_bytes: d_client_hello_bytes() }
+        RawLimits {
+            max_connections: d_max_connections(),
+            max_connections_per_source: d_max_per_source(),
+            client_hello_bytes: d_client_hello_bytes(),
+        }
     }
 }
 
@@ -672,6 +761,7 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
     };
 
     // Policy.
+    let refuse_ech = raw.policy.refuse_ech;
     let policy = validate_policy(raw.policy, ctx)?;
 
     // Resolver.
@@ -709,11 +799,27 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         dns: t.dns.value.0,
         connect: t.connect.value.0,
         idle: t.idle.value.0,
+        max_lifetime: match &t.max_lifetime {
+            None => None,
+            Some(d) if d.value.0.is_zero() => {
+                return Err(
+                    ctx.at(d, "timeouts.max_lifetime: must be greater than zero (leave it out for no limit)".into())
+                );
+            }
+            Some(d) => Some(d.value.0),
+        },
     };
     let l = raw.limits;
     if l.max_connections.value == 0 {
         return Err(ctx.at(&l.max_connections, "limits.max_connections: must be at least 1".into()));
     }
+    if l.max_connections_per_source.value == 0 {
+        return Err(
+            ctx.at(&l.max_connections_per_source, "limits.max_connections_per_source: must be at least 1".into())
+        );
+    }
+    let sd = raw.shutdown;
+    let shutdown = Shutdown { grace_period: sd.grace_period.value.0, drain_timeout: sd.drain_timeout.value.0 };
     let hello = l.client_hello_bytes.value;
     if !(defaults::CLIENT_HELLO_BYTES_MIN..=defaults::CLIENT_HELLO_BYTES_MAX).contains(&hello) {
         return Err(ctx.at(
@@ -765,9 +871,15 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
             },
         },
         timeouts,
-        limits: Limits { max_connections: l.max_connections.value, client_hello_bytes: hello },
+        limits: Limits {
+            max_connections: l.max_connections.value,
+            max_connections_per_source: l.max_connections_per_source.value,
+            client_hello_bytes: hello,
+        },
         access_log,
         metrics,
+        shutdown,
+        refuse_ech,
         origin,
     })
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::access_log::{Record, printable, rfc3339};
 use crate::config::{Limits, Mode, Timeouts};
@@ -44,6 +45,16 @@ pub struct State {
     pub outer: Option<Outer>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// Refuse inner hellos carrying encrypted_client_hello.
+    pub refuse_ech: bool,
+}
+
+/// What outlives config reloads: metrics, and the signal that the drain
+/// deadline has passed and connections still open must end.
+#[derive(Clone)]
+pub struct Env {
+    pub metrics: Arc<Metrics>,
+    pub stop: watch::Receiver<bool>,
 }
 
 /// The listener a connection arrived on.
@@ -83,6 +94,8 @@ struct Facts {
     upstream_addr: Option<SocketAddr>,
     /// Metric labels, once the name and the decision are known.
     key: Option<ConnectionKey>,
+    /// Bytes are being spliced (the connection was allowed and connected).
+    splicing: bool,
 }
 
 /// Runs one accepted connection to its end and returns its access record.
@@ -91,32 +104,37 @@ pub async fn handle(
     client_addr: SocketAddr,
     listener: &ListenerInfo,
     state: Arc<State>,
-    metrics: &Metrics,
+    env: &Env,
 ) -> Record {
     let started = (SystemTime::now(), Instant::now());
+    let metrics = &*env.metrics;
     let _active = metrics.open(&listener.name);
     let transfer = Transfer::default();
     let mut facts = Facts::default();
     let stage = Stage { listener, state: &state, metrics, transfer: &transfer };
-    let outcome = match listener.mode {
-        Mode::Passthrough => stage.inner(tcp, &mut facts).await,
-        Mode::Mtls => match state.outer.as_ref() {
-            None => Outcome::error("internal_error", "refused", "mtls listener without outer TLS settings"),
-            Some(outer) => match outer.accept(tcp).await {
-                Ok((tls, peer)) => {
-                    facts.principal = Some(peer.principal);
-                    facts.outer_sni = peer.outer_sni;
-                    stage.inner(tls, &mut facts).await
-                }
-                Err(e) => {
-                    metrics.handshake_failed(&listener.name, e.reason());
-                    let termination =
-                        if e.reason() == "outer_handshake_timeout" { "handshake_timeout" } else { "handshake_failed" };
-                    Outcome { decision: "denied", reason: e.reason(), termination, detail: Some(e.to_string()) }
-                }
-            },
-        },
+
+    // The stages run until they end by themselves, or are cut short by the
+    // connection's maximum lifetime or the end of a drain.
+    let lifetime = async {
+        match state.timeouts.max_lifetime {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
     };
+    let mut stop = env.stop.clone();
+    let ended = tokio::select! {
+        outcome = stage.run(tcp, &mut facts) => Ok(outcome),
+        () = lifetime => Err("max_lifetime"),
+        _ = stop.wait_for(|stop| *stop) => Err("drain_timeout"),
+    };
+    let outcome = match ended {
+        Ok(outcome) => outcome,
+        Err(cut) if facts.splicing => {
+            Outcome { decision: "allowed", reason: "allowed", termination: cut, detail: None }
+        }
+        Err(cut) => Outcome::error("shutdown", cut, "ended before its data path was set up"),
+    };
+
     // Connections that ended before their name was judged are counted now.
     let key = match facts.key.take() {
         Some(key) => key,
@@ -188,6 +206,32 @@ struct Stage<'a> {
 }
 
 impl Stage<'_> {
+    /// The whole data path for one accepted socket.
+    async fn run(&self, tcp: TcpStream, facts: &mut Facts) -> Outcome {
+        match self.listener.mode {
+            Mode::Passthrough => self.inner(tcp, facts).await,
+            Mode::Mtls => match self.state.outer.as_ref() {
+                None => Outcome::error("internal_error", "refused", "mtls listener without outer TLS settings"),
+                Some(outer) => match outer.accept(tcp).await {
+                    Ok((tls, peer)) => {
+                        facts.principal = Some(peer.principal);
+                        facts.outer_sni = peer.outer_sni;
+                        self.inner(tls, facts).await
+                    }
+                    Err(e) => {
+                        self.metrics.handshake_failed(&self.listener.name, e.reason());
+                        let termination = if e.reason() == "outer_handshake_timeout" {
+                            "handshake_timeout"
+                        } else {
+                            "handshake_failed"
+                        };
+                        Outcome { decision: "denied", reason: e.reason(), termination, detail: Some(e.to_string()) }
+                    }
+                },
+            },
+        }
+    }
+
     /// The inner stages, on the decrypted stream (mtls) or the raw socket
     /// (passthrough).
     async fn inner<S>(&self, mut client: S, facts: &mut Facts) -> Outcome
@@ -241,6 +285,12 @@ impl Stage<'_> {
                 return refuse(client, alert::ACCESS_DENIED, outcome).await;
             }
         }
+        // The SNI of a hello with ECH is the public name of the ECH
+        // provider, not the real destination.
+        if hello.ech && state.refuse_ech {
+            let outcome = Outcome::refused("ech_refused", "encrypted_client_hello present and policy.refuse_ech is on");
+            return refuse(client, alert::ACCESS_DENIED, outcome).await;
+        }
 
         // Resolve and vet.
         let asked = Instant::now();
@@ -288,6 +338,7 @@ impl Stage<'_> {
             }
         };
         facts.upstream_addr = Some(addr);
+        facts.splicing = true;
 
         // Replay and splice.
         // Everything read so far is replayed: the hello and whatever followed it.

@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod mtls;
 pub mod name;
 pub mod policy;
+pub mod reload;
 pub mod resolve;
 pub mod sni;
 pub mod splice;

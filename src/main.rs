@@ -1,5 +1,6 @@
 //! The `snigress` binary: argument parsing, logging, exit codes.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -137,7 +138,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(path, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(e)) => {
             eprintln!("{e}");
@@ -155,29 +156,72 @@ enum Failure {
     Runtime(anyhow::Error),
 }
 
-async fn serve(config: Config) -> Result<(), Failure> {
-    let sink = JsonLines::open(config.access_log.as_deref())
-        .with_context(|| format!("cannot open the access log {:?}", config.access_log))
-        .map_err(Failure::Runtime)?;
-    let gateway = match Gateway::bind(&config, Arc::new(sink)).await {
+async fn serve(path: &Path, config: Config) -> Result<(), Failure> {
+    // Installed first: a signal that arrives while starting must not kill
+    // the process with the default action.
+    let signals =
+        Signals::install().map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot install signal handlers: {e}")))?;
+    let sink = Arc::new(
+        JsonLines::open(config.access_log.as_deref())
+            .with_context(|| format!("cannot open the access log {:?}", config.access_log))
+            .map_err(Failure::Runtime)?,
+    );
+    let gateway = match Gateway::bind(&config, sink.clone()).await {
         Ok(g) => g,
         Err(StartError::Config(e)) => return Err(Failure::Config(e.to_string())),
         Err(e) => return Err(Failure::Runtime(e.into())),
     };
-    gateway.serve(shutdown_signal()).await;
+    let reloader = gateway.reloader(path.to_owned());
+    let _watch = match reloader.clone().watch() {
+        Ok(task) => Some(task),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config and certificate directories; reload with SIGHUP");
+            None
+        }
+    };
+    let Signals { mut term, mut int, mut hup } = signals;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let reloader = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
+        }
+    });
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+        // A second signal ends the process at once.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting now without draining");
+            std::process::exit(0);
+        });
+    };
+    gateway.serve(stop).await;
+    sink.flush(std::time::Duration::from_secs(5));
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+/// The signals `run` handles: SIGTERM and SIGINT drain and stop, SIGHUP
+/// reloads.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
 }

@@ -226,6 +226,10 @@ pub struct Metrics {
     cert_expiry: Gauge,
     open_fds: Gauge,
     resident_memory: Gauge,
+    reloads: Family<ResultLabels, Counter>,
+    last_reload: Gauge,
+    draining: Gauge,
+    accept_errors: Counter,
     sni_cap: LabelCap,
     source_cap: LabelCap,
 }
@@ -312,8 +316,33 @@ impl Metrics {
             "Resident memory of the gateway process",
             resident_memory.clone(),
         );
+        let reloads = Family::default();
+        registry.register(
+            "config_reloads",
+            "Config and certificate reloads by result (success, failure); a failure keeps the running config",
+            reloads.clone(),
+        );
+        let last_reload = Gauge::default();
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the config in force was loaded, Unix time",
+            last_reload.clone(),
+        );
+        last_reload.set(unix_now());
+        let draining = Gauge::default();
+        registry.register("draining", "1 while shutting down (readiness is off), else 0", draining.clone());
+        let accept_errors = Counter::default();
+        registry.register(
+            "accept_errors",
+            "Accepts that failed for lack of file descriptors or memory (the accept loop pauses and retries)",
+            accept_errors.clone(),
+        );
         Metrics {
             registry,
+            reloads,
+            last_reload,
+            draining,
+            accept_errors,
             connections,
             bytes_from_client,
             bytes_to_client,
@@ -413,6 +442,23 @@ impl Metrics {
         self.handshake_failures.get_or_create(&HandshakeLabels { listener: listener.clone(), reason }).inc();
     }
 
+    /// A reload attempt: `true` when the new config is in force.
+    pub fn reloaded(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+        if success {
+            self.last_reload.set(unix_now());
+        }
+    }
+
+    pub fn draining(&self, on: bool) {
+        self.draining.set(i64::from(on));
+    }
+
+    pub fn accept_error(&self) {
+        self.accept_errors.inc();
+    }
+
     /// The outer certificate's expiry, Unix seconds.
     pub fn certificate_expiry(&self, not_after: i64) {
         self.cert_expiry.set(not_after);
@@ -474,6 +520,13 @@ impl Metrics {
     pub fn sni_values(&self) -> usize {
         self.sni_cap.len()
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Decrements the active-connections gauge when dropped.
