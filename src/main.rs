@@ -182,6 +182,7 @@ async fn serve(path: &Path, config: Config) -> Result<(), Failure> {
     let Signals { mut term, mut int, mut hup } = signals;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config and certificates");
             let reloader = reloader.clone();
             let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
         }

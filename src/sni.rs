@@ -260,17 +260,9 @@ pub mod testing {
         }
         out
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::testing::refragment;
-    use super::*;
-
-    const CAP: usize = 16 * 1024;
 
     /// A minimal but complete ClientHello with the given extensions.
-    fn hello_with_extensions(exts: &[u8]) -> Vec<u8> {
+    pub fn hello_with_extensions(exts: &[u8]) -> Vec<u8> {
         let mut body = vec![3, 3];
         body.extend_from_slice(&[7; 32]); // random
         body.push(0); // session id
@@ -287,7 +279,8 @@ mod tests {
         rec
     }
 
-    fn sni_ext(names: &[(u8, &[u8])]) -> Vec<u8> {
+    /// A server_name extension with these (type, name) entries.
+    pub fn sni_ext(names: &[(u8, &[u8])]) -> Vec<u8> {
         let mut list = Vec::new();
         for (t, n) in names {
             list.push(*t);
@@ -302,9 +295,26 @@ mod tests {
         ext
     }
 
-    fn hello_for(name: &str) -> Vec<u8> {
+    /// A minimal ClientHello naming `name`.
+    pub fn hello_for(name: &str) -> Vec<u8> {
         hello_with_extensions(&sni_ext(&[(0, name.as_bytes())]))
     }
+
+    /// A minimal ClientHello naming `name` that also carries an
+    /// encrypted_client_hello extension (as Chrome's ECH GREASE does).
+    pub fn ech_hello_for(name: &str) -> Vec<u8> {
+        let mut exts = sni_ext(&[(0, name.as_bytes())]);
+        exts.extend_from_slice(&[0xfe, 0x0d, 0, 4, 0, 0, 1, 0]);
+        hello_with_extensions(&exts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{hello_for, hello_with_extensions, refragment, sni_ext};
+    use super::*;
+
+    const CAP: usize = 16 * 1024;
 
     fn read_all(bytes: &[u8]) -> Result<Progress, HelloError> {
         HelloReader::new(CAP).advance(bytes)

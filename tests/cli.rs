@@ -203,10 +203,26 @@ impl Running {
         }
     }
 
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+        assert!(status.expect("kill").success());
+    }
+
     fn stop(mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
-        assert!(status.success());
+        self.signal("TERM");
         self.child.wait().expect("wait")
+    }
+
+    /// Waits for the process to exit, at most `PATIENCE`.
+    fn exit_status(mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "still running after {PATIENCE:?}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 
@@ -227,7 +243,7 @@ async fn run_mints_the_dev_pki_serves_and_stops_on_sigterm() {
     let config = write(
         dir.path(),
         "local.yaml",
-        "listeners:\n  - {name: pt, address: 127.0.0.1:0, mode: passthrough}\n  - {name: mesh, address: 127.0.0.1:0, mode: mtls}\nmtls:\n  dev_pki: pki\npolicy:\n  allow: [\"*.allowed.test\"]\n",
+        "listeners:\n  - {name: pt, address: 127.0.0.1:0, mode: passthrough}\n  - {name: mesh, address: 127.0.0.1:0, mode: mtls}\nmtls:\n  dev_pki: pki\npolicy:\n  allow: [\"*.allowed.test\"]\nshutdown:\n  grace_period: 0s\n",
     );
     let running = Running::start(&config);
     let warning = json(&running.diag("DEVELOPMENT PKI"));
@@ -300,4 +316,31 @@ fn run_reports_a_port_in_use_and_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("pt"), "{err}");
+}
+
+#[test]
+fn sighup_reloads_and_a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = |allow: &str| {
+        format!(
+            "listeners:\n  - {{name: pt, address: 127.0.0.1:0, mode: passthrough}}\npolicy:\n  allow: [{allow}]\nshutdown:\n  grace_period: 10m\n"
+        )
+    };
+    let path = write(dir.path(), "c.yaml", &config("a.example"));
+    let running = Running::start(&path);
+    running.diag("listening");
+    running.signal("HUP");
+    running.diag("SIGHUP: reloading");
+    write(dir.path(), "c.yaml", &config("b.example"));
+    running.diag("reloaded");
+    write(dir.path(), "c.yaml", "listeners: [");
+    running.diag("reload refused");
+
+    // The first SIGTERM starts a drain with a long grace period; the second
+    // ends the process at once.
+    running.signal("TERM");
+    running.diag("draining");
+    running.signal("TERM");
+    let status = running.exit_status();
+    assert!(status.success(), "{status:?}");
 }

@@ -286,6 +286,12 @@ pub struct Options {
     pub metrics: Vec<String>,
     /// Extra top-level sections (`timeouts:`, `limits:`), verbatim.
     pub sections: String,
+    /// The global allow list, as a YAML flow sequence; default
+    /// `["*.allowed.test"]`.
+    pub allow: Option<String>,
+    /// Keep the config file as Kubernetes mounts a ConfigMap:
+    /// `snigress.yaml -> ..data/snigress.yaml`, `..data -> ..v1`.
+    pub configmap: bool,
 }
 
 /// Everything running: the gateway and the world around it.
@@ -301,7 +307,12 @@ pub struct Harness {
     pub addrs: Vec<(String, SocketAddr)>,
     pub metrics_addr: SocketAddr,
     pub records: mpsc::UnboundedReceiver<Record>,
+    /// The config file the gateway runs (and reloads) from.
+    pub config_path: PathBuf,
+    pub reloader: Arc<snigress::reload::Reloader>,
     stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+    _watch: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Harness {
@@ -325,16 +336,76 @@ impl Harness {
         let capture = Capture::start().await;
         let trap = Trap::start(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), echo.port)).await;
         let text = config_text(&pki, dns.addr, echo.port, capture.port, &options);
-        let config = Config::parse(&text, "test.yaml", pki.dir.path()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let config_path = if options.configmap {
+            let dir = pki.dir.path().join("configmap");
+            std::fs::create_dir(&dir).expect("configmap dir");
+            swap_configmap(&dir, "..v1", &text);
+            std::os::unix::fs::symlink("..data/snigress.yaml", dir.join("snigress.yaml")).expect("link");
+            dir.join("snigress.yaml")
+        } else {
+            let path = pki.dir.path().join("snigress.yaml");
+            std::fs::write(&path, &text).expect("write config");
+            path
+        };
+        let config = Config::load(&config_path).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let (tx, records) = mpsc::unbounded_channel();
         let gateway = Gateway::bind(&config, Arc::new(Channel(tx))).await.expect("gateway binds");
         let addrs = gateway.local_addrs();
         let metrics_addr = gateway.metrics_addr().expect("metrics endpoint");
+        let reloader = gateway.reloader(config_path.clone());
+        let watch = reloader.clone().watch().expect("watch the config directory");
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(gateway.serve(async move {
+        let served = tokio::spawn(gateway.serve(async move {
             let _ = stopped.await;
         }));
-        Harness { pki, internet, dns, echo, capture, trap, addrs, metrics_addr, records, stop: Some(stop) }
+        Harness {
+            pki,
+            internet,
+            dns,
+            echo,
+            capture,
+            trap,
+            addrs,
+            metrics_addr,
+            records,
+            config_path,
+            reloader,
+            stop: Some(stop),
+            served: Some(served),
+            _watch: watch,
+        }
+    }
+
+    /// The standard config text with other options, for the same world.
+    pub fn config_with(&self, options: &Options) -> String {
+        config_text(&self.pki, self.dns.addr, self.echo.port, self.capture.port, options)
+    }
+
+    /// Replaces the config file atomically (write aside, rename over), as
+    /// an editor or a deploy tool would.
+    pub fn write_config(&self, text: &str) {
+        replace_file(&self.config_path, text.as_bytes());
+    }
+
+    /// Signals shutdown; the returned task ends when the gateway has drained.
+    pub fn shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.served.take().expect("not shut down yet")
+    }
+
+    /// Waits until the metric sample sum reaches `want` (bounded).
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let got = sum(&scrape(self.metrics_addr).await, name, labels);
+            if got >= want {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{name}{labels:?} = {got}, waited for {want}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
@@ -366,6 +437,7 @@ pub fn config_text(pki: &Pki, dns: SocketAddr, echo: u16, capture: u16, options:
     let dir = pki.dir.path().display();
     let mtls_extra: String = options.mtls.iter().map(|l| format!("  {l}\n")).collect();
     let metrics_extra: String = options.metrics.iter().map(|l| format!("  {l}\n")).collect();
+    let allow = options.allow.as_deref().unwrap_or("[\"*.allowed.test\"]");
     format!(
         "listeners:
   - name: mtls
@@ -389,7 +461,7 @@ mtls:
   key: {dir}/gateway.key
   client_ca: {dir}/ca.pem
 {mtls_extra}policy:
-  allow: [\"*.allowed.test\"]
+  allow: {allow}
   deny: [blocked.allowed.test]
   rules:
     - name: default-team
@@ -574,4 +646,21 @@ pub fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
         })
         .map(|(_, _, v)| v)
         .sum()
+}
+
+/// Writes `content` beside `path` and renames it over `path` (atomic).
+pub fn replace_file(path: &Path, content: &[u8]) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, content).expect("write temp file");
+    std::fs::rename(&tmp, path).expect("rename into place");
+}
+
+/// Publishes `text` as a new ConfigMap version `version` in `dir`: a new
+/// directory, then `..data` switched to it by renaming a symlink over it.
+pub fn swap_configmap(dir: &Path, version: &str, text: &str) {
+    std::fs::create_dir(dir.join(version)).expect("version dir");
+    std::fs::write(dir.join(version).join("snigress.yaml"), text).expect("write version");
+    let _ = std::fs::remove_file(dir.join("..data_tmp"));
+    std::os::unix::fs::symlink(version, dir.join("..data_tmp")).expect("new ..data link");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap ..data");
 }

@@ -1,0 +1,331 @@
+//! Operating the gateway: live reload of policy and certificates (file
+//! change, ConfigMap symlink swap, broken files, restart-only changes),
+//! drain on shutdown, connection limits and lifetimes, slow and abusive
+//! peers, ECH.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rustls::AlertDescription;
+use snigress::access_log::Record;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Echoes `payload` over an open inner stream and checks it comes back.
+async fn ping<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) {
+    stream.write_all(payload).await.expect("write");
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back).await.expect("echo");
+    assert_eq!(back, payload);
+}
+
+async fn through_passthrough(h: &Harness, sni: &str) -> std::io::Result<Vec<u8>> {
+    let tcp = TcpStream::connect(h.addr("passthrough")).await?;
+    exchange(h.inner(tcp, sni).await?, b"hi").await
+}
+
+async fn refused_alert(h: &Harness, sni: &str) -> Option<AlertDescription> {
+    let tcp = TcpStream::connect(h.addr("passthrough")).await.expect("connect");
+    let e = h.inner(tcp, sni).await.map(|_| ()).expect_err("must be refused");
+    alert_of(&e)
+}
+
+fn allowing(allow: &str) -> Options {
+    Options { allow: Some(allow.to_owned()), ..Options::default() }
+}
+
+async fn records(h: &mut Harness, n: usize) -> Vec<Record> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(h.record().await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_applies_to_the_next_connection_and_spares_those_in_flight() {
+    let mut h = Harness::start().await;
+    let outer = within("outer", h.outer("mtls", SLEEP, &[])).await.expect("outer");
+    let mut in_flight = within("inner", h.inner(outer, "a.allowed.test")).await.expect("inner");
+    within("ping", ping(&mut in_flight, b"before")).await;
+
+    h.write_config(&h.config_with(&allowing("[\"*.team.test\", b.allowed.test]")));
+    h.wait_metric("snigress_config_reloads_total", &[("result", "success")], 1.0).await;
+
+    assert_eq!(within("now refused", refused_alert(&h, "a.allowed.test")).await, Some(AlertDescription::AccessDenied));
+    within("still allowed", through_passthrough(&h, "b.allowed.test")).await.expect("b.allowed.test is allowed");
+
+    // The connection allowed before the reload keeps working to its end.
+    within("ping", ping(&mut in_flight, b"after the reload")).await;
+    let reply = within("close", exchange(in_flight, b"")).await.expect("close cleanly");
+    assert_eq!(reply, b"sni=a.allowed.test\n");
+
+    let rs = records(&mut h, 3).await;
+    let find = |sni: &str, reason: &str| rs.iter().any(|r| r.sni.as_deref() == Some(sni) && r.reason == reason);
+    assert!(find("a.allowed.test", "policy_denied"), "{rs:?}");
+    assert!(find("b.allowed.test", "allowed"), "{rs:?}");
+    let kept = rs.iter().find(|r| r.listener == "mtls").expect("the in-flight connection's record");
+    assert_eq!(kept.decision, "allowed");
+    assert!(kept.bytes_to_client > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_file_keeps_the_running_config() {
+    let h = Harness::start().await;
+    h.write_config("listeners: [\n  - name: x\n");
+    h.wait_metric("snigress_config_reloads_total", &[("result", "failure")], 1.0).await;
+    within("old policy", through_passthrough(&h, "a.allowed.test")).await.expect("old policy in force");
+
+    // Each error names its place in the file.
+    let e = h.reloader.reload("test").expect_err("still broken");
+    assert!(e.to_string().contains("snigress.yaml:"), "{e}");
+    h.write_config(&h.config_with(&allowing("[\"a.*.test\"]")));
+    let e = h.reloader.reload("test").expect_err("bad pattern");
+    assert!(e.to_string().contains("invalid pattern") && e.to_string().contains("snigress.yaml:"), "{e}");
+    h.write_config(&h.config_with(&Options::default()).replace("gateway.pem", "nowhere.pem"));
+    let e = h.reloader.reload("test").expect_err("missing certificate");
+    assert!(e.to_string().contains("nowhere.pem"), "{e}");
+    let empty_ca = h.pki.path("empty-ca.pem");
+    std::fs::write(&empty_ca, "no certificates here\n").expect("write");
+    h.write_config(&h.config_with(&Options::default()).replace("ca.pem", "empty-ca.pem"));
+    let e = h.reloader.reload("test").expect_err("CA bundle without a certificate");
+    assert!(e.to_string().contains("client_ca"), "{e}");
+    within("old policy", through_passthrough(&h, "a.allowed.test")).await.expect("old policy in force");
+
+    // A listener change is refused as a whole, not half-applied.
+    let moved =
+        h.config_with(&allowing("[b.allowed.test]")).replacen("address: 127.0.0.1:0", "address: 127.0.0.1:1", 1);
+    h.write_config(&moved);
+    let e = h.reloader.reload("test").expect_err("restart needed");
+    assert!(e.to_string().contains("listeners") && e.to_string().contains("restart"), "{e}");
+    within("old policy", through_passthrough(&h, "a.allowed.test")).await.expect("the new policy was not applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_symlink_swap_is_picked_up() {
+    let h = Harness::with(Options { configmap: true, ..Options::default() }).await;
+    within("before", through_passthrough(&h, "a.allowed.test")).await.expect("allowed");
+    let dir = h.config_path.parent().expect("configmap dir").to_owned();
+    swap_configmap(&dir, "..v2", &h.config_with(&allowing("[b.allowed.test]")));
+    h.wait_metric("snigress_config_reloads_total", &[("result", "success")], 1.0).await;
+    assert_eq!(within("after", refused_alert(&h, "a.allowed.test")).await, Some(AlertDescription::AccessDenied));
+}
+
+type Roots = std::sync::Arc<rustls::RootCertStore>;
+
+/// A full mTLS + inner TLS exchange, trusting `roots` for the gateway
+/// and presenting `client`'s certificate for SLEEP.
+async fn handshake(h: &Harness, roots: &Roots, client: &Pki) -> std::io::Result<Vec<u8>> {
+    let outer = outer_connect(h.addr("mtls"), roots, Some(client.client(SLEEP)), &[]).await?;
+    let inner = inner_connect(outer, "a.allowed.test", h.internet.roots.clone()).await?;
+    exchange(inner, b"x").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_without_cutting_connections() {
+    let h = Harness::start().await;
+    let old = &h.pki;
+    let new = Pki::mint();
+    // Read now: the old directory's files are about to be replaced.
+    let (old_roots, new_roots) = (old.roots(), new.roots());
+    let outer = within("outer", h.outer("mtls", SLEEP, &[])).await.expect("outer");
+    let mut in_flight = within("inner", h.inner(outer, "a.allowed.test")).await.expect("inner");
+    within("ping", ping(&mut in_flight, b"old material")).await;
+
+    // Step 1: the new gateway certificate, and both roots for callers.
+    let both = [std::fs::read(old.path("ca.pem")).unwrap(), std::fs::read(new.path("ca.pem")).unwrap()].concat();
+    replace_file(&old.path("gateway.key"), &std::fs::read(new.path("gateway.key")).unwrap());
+    replace_file(&old.path("gateway.pem"), &std::fs::read(new.path("gateway.pem")).unwrap());
+    replace_file(&old.path("ca.pem"), &both);
+    let reloads = h.reloader.reload("test");
+    assert!(reloads.is_ok(), "{reloads:?}");
+    // New handshakes present the new certificate: only the new root verifies it.
+    assert!(
+        within("old root", handshake(&h, &old_roots, old)).await.is_err(),
+        "the old certificate is no longer served"
+    );
+    within("new root, new client", handshake(&h, &new_roots, &new)).await.expect("new client accepted");
+    within("new root, old client", handshake(&h, &new_roots, old)).await.expect("old clients accepted during rotation");
+
+    // Step 2: the new root only.
+    replace_file(&old.path("ca.pem"), &std::fs::read(new.path("ca.pem")).unwrap());
+    let reloads = h.reloader.reload("test");
+    assert!(reloads.is_ok(), "{reloads:?}");
+    assert!(
+        within("old client refused", handshake(&h, &new_roots, old)).await.is_err(),
+        "old client certificate refused"
+    );
+    within("new client", handshake(&h, &new_roots, &new)).await.expect("new client accepted");
+
+    // The connection made with the old material is still alive.
+    within("ping", ping(&mut in_flight, b"still here")).await;
+    let metrics = scrape(h.metrics_addr).await;
+    assert!(sum(&metrics, "snigress_config_reloads_total", &[("result", "success")]) >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_then_ends_what_is_left() {
+    let sections = "shutdown:\n  grace_period: 3s\n  drain_timeout: 1s\n".to_owned();
+    let mut h = Harness::with(Options { sections, ..Options::default() }).await;
+    let outer = within("outer", h.outer("mtls", SLEEP, &[])).await.expect("outer");
+    let mut lingering = within("inner", h.inner(outer, "a.allowed.test")).await.expect("inner");
+    within("ping", ping(&mut lingering, b"x")).await;
+    let tcp = TcpStream::connect(h.addr("passthrough")).await.expect("connect");
+    let mut finishing = within("inner", h.inner(tcp, "b.allowed.test")).await.expect("inner");
+    within("ping", ping(&mut finishing, b"y")).await;
+
+    let served = h.shutdown();
+    // Not ready at once, but still accepting during the grace period.
+    let (status, _, _) = within("readyz", http(h.metrics_addr, "GET", "/readyz", &[])).await;
+    assert_eq!(status, 503);
+    within("during grace", through_passthrough(&h, "a.allowed.test")).await.expect("accepted during the grace period");
+    // A connection that finishes during the drain ends normally.
+    let reply = within("finish", exchange(finishing, b"")).await.expect("finish");
+    assert_eq!(reply, b"sni=b.allowed.test\n");
+    // The one that does not is ended at the drain deadline, and logged so.
+    within("drained", served).await.expect("serve returns");
+    let (rest, _) = within("cut", read_all(&mut lingering)).await;
+    assert!(rest.is_empty());
+    let rs = records(&mut h, 3).await;
+    let cut = rs.iter().find(|r| r.listener == "mtls").expect("lingering record");
+    assert_eq!((cut.decision, cut.termination), ("allowed", "drain_timeout"));
+    assert!(rs.iter().filter(|r| r.listener == "passthrough").all(|r| r.termination != "drain_timeout"), "{rs:?}");
+    assert!(TcpStream::connect(h.addr("passthrough")).await.is_err(), "no longer accepting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_refuse_cleanly_and_keep_serving() {
+    let sections = "limits:\n  max_connections: 4\n  max_connections_per_source: 2\n".to_owned();
+    let mut h = Harness::with(Options { sections, ..Options::default() }).await;
+    // Two connections from 127.0.0.1 hold the source's slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(h.addr("passthrough")).await.expect("connect");
+        held.push(within("inner", h.inner(tcp, "a.allowed.test")).await.expect("inner"));
+    }
+    let mut third = TcpStream::connect(h.addr("passthrough")).await.expect("the kernel accepts");
+    let (got, _) = within("refused", read_all(&mut third)).await;
+    assert!(got.is_empty());
+    let r = h.record().await;
+    assert_eq!((r.decision, r.reason), ("denied", "source_limit"));
+
+    // Another client address (127.0.0.3) still gets in, up to the global limit.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.3:0".parse().unwrap()).expect("bind 127.0.0.3");
+    let other = socket.connect(h.addr("passthrough")).await.expect("connect");
+    let other = within("other source", h.inner(other, "b.allowed.test")).await.expect("another source gets in");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.4:0".parse().unwrap()).expect("bind 127.0.0.4");
+    let fourth = socket.connect(h.addr("passthrough")).await.expect("connect");
+    let fourth = within("fourth", h.inner(fourth, "b.allowed.test")).await.expect("fourth connection");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.5:0".parse().unwrap()).expect("bind 127.0.0.5");
+    let mut fifth = socket.connect(h.addr("passthrough")).await.expect("connect");
+    let (got, _) = within("global limit", read_all(&mut fifth)).await;
+    assert!(got.is_empty());
+    assert_eq!(h.record().await.reason, "connection_limit");
+
+    // Those already in keep working; a freed slot is usable again.
+    for stream in &mut held {
+        within("held", ping(stream, b"still served")).await;
+    }
+    drop((other, fourth, held.pop()));
+    let _ = records(&mut h, 3).await;
+    within("slot reused", through_passthrough(&h, "a.allowed.test")).await.expect("a freed slot is reused");
+    let text = scrape(h.metrics_addr).await;
+    assert_eq!(sum(&text, "snigress_connections_total", &[("reason", "source_limit")]), 1.0);
+    assert_eq!(sum(&text, "snigress_connections_total", &[("reason", "connection_limit")]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_end_idle_slow_and_long_lived_connections() {
+    let sections = "timeouts:\n  handshake: 500ms\n  client_hello: 500ms\n  idle: 1s\n  max_lifetime: 2s\n".to_owned();
+    let mut h = Harness::with(Options { sections, ..Options::default() }).await;
+
+    // A caller that connects to the mtls listener and sends nothing.
+    let mut silent = TcpStream::connect(h.addr("mtls")).await.expect("connect");
+    let _ = within("silent", read_all(&mut silent)).await;
+    let r = h.record().await;
+    assert_eq!((r.reason, r.termination), ("outer_handshake_timeout", "handshake_timeout"));
+
+    // One that trickles its outer handshake a byte at a time.
+    let hello = client_hello("localhost");
+    let mut trickle = TcpStream::connect(h.addr("mtls")).await.expect("connect");
+    within("trickle", async {
+        for byte in hello.iter() {
+            if trickle.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let r = h.record().await;
+    assert_eq!(r.reason, "outer_handshake_timeout");
+
+    // Allowed and then silent: the idle timeout.
+    let tcp = TcpStream::connect(h.addr("passthrough")).await.expect("connect");
+    let mut idle = within("inner", h.inner(tcp, "a.allowed.test")).await.expect("inner");
+    let _ = within("idle", read_all(&mut idle)).await;
+    let r = h.record().await;
+    assert_eq!((r.decision, r.termination), ("allowed", "idle_timeout"));
+
+    // Busy but past the maximum lifetime.
+    let tcp = TcpStream::connect(h.addr("passthrough")).await.expect("connect");
+    let mut busy = within("inner", h.inner(tcp, "a.allowed.test")).await.expect("inner");
+    within("busy", async {
+        loop {
+            if busy.write_all(b"keep me busy").await.is_err() {
+                break;
+            }
+            let mut b = [0u8; 12];
+            if busy.read_exact(&mut b).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let r = h.record().await;
+    assert_eq!((r.decision, r.termination), ("allowed", "max_lifetime"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_declaring_16_mib_is_refused_at_once() {
+    let mut h = Harness::start().await;
+    let mut tcp = TcpStream::connect(h.addr("passthrough")).await.expect("connect");
+    // One record of 16 KiB claiming a 16 MiB handshake message.
+    let mut hello = vec![22, 3, 1, 0x40, 0x00, 1, 0xff, 0xff, 0xff];
+    hello.extend_from_slice(&[0u8; 64]);
+    tcp.write_all(&hello).await.expect("write");
+    let (got, _) = within("refused", read_all(&mut tcp)).await;
+    assert_eq!(got, snigress::sni::alert::record(snigress::sni::alert::DECODE_ERROR));
+    let r = h.record().await;
+    assert_eq!(r.reason, "client_hello_too_large");
+    assert!(r.bytes_from_client < 16 * 1024 + 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ech_is_flagged_and_optionally_refused() {
+    let ech = snigress::sni::testing::ech_hello_for("capture.allowed.test");
+    let mut h = Harness::start().await;
+    let mut tcp = TcpStream::connect(h.addr("passthrough-capture")).await.expect("connect");
+    tcp.write_all(&ech).await.expect("write");
+    tcp.shutdown().await.expect("half-close");
+    let _ = within("ech allowed", read_all(&mut tcp)).await;
+    assert_eq!(h.capture.next().await, ech);
+    let r = h.record().await;
+    assert_eq!((r.decision, r.ech), ("allowed", true));
+
+    let text = h.config_with(&Options::default()).replacen("policy:\n", "policy:\n  refuse_ech: true\n", 1);
+    h.write_config(&text);
+    assert!(h.reloader.reload("test").is_ok_and(|applied| applied), "refuse_ech applied");
+    let mut tcp = TcpStream::connect(h.addr("passthrough-capture")).await.expect("connect");
+    tcp.write_all(&ech).await.expect("write");
+    let (got, _) = within("ech refused", read_all(&mut tcp)).await;
+    assert_eq!(got, snigress::sni::alert::record(snigress::sni::alert::ACCESS_DENIED));
+    let r = h.record().await;
+    assert_eq!((r.decision, r.reason, r.ech), ("denied", "ech_refused", true));
+}
