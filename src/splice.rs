@@ -26,6 +26,8 @@ use crate::metrics::ByteCounters;
 
 /// Size of each direction's copy buffer: one full TLS record (16 KiB of
 /// payload plus its framing), so a record is moved in one read and one write.
+/// Allocated when a read is attempted and released when the source has
+/// nothing more for now, so idle connections cost no buffer memory.
 pub const BUF_SIZE: usize = 16 * 1024 + 512;
 
 /// Bytes moved, readable while the connection is open, and forwarded to
@@ -131,10 +133,7 @@ struct Half {
 
 impl Half {
     fn new(source: Side, pending: Vec<u8>) -> Half {
-        let cap = pending.len();
-        let mut buf = pending;
-        buf.resize(cap.max(BUF_SIZE), 0);
-        Half { buf, pos: 0, cap, eof: false, need_flush: false, done: false, source }
+        Half { cap: pending.len(), buf: pending, pos: 0, eof: false, need_flush: false, done: false, source }
     }
 
     fn sink(&self) -> Side {
@@ -179,9 +178,16 @@ impl Half {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+            // The buffer exists only while bytes move: an idle connection
+            // holds none (see `BUF_SIZE`).
+            if self.buf.len() < BUF_SIZE {
+                self.buf = vec![0; BUF_SIZE];
+            }
             let mut rb = ReadBuf::new(&mut self.buf);
             match reader.as_mut().poll_read(cx, &mut rb) {
                 Poll::Pending => {
+                    self.buf = Vec::new();
+                    (self.pos, self.cap) = (0, 0);
                     if self.need_flush {
                         if ready!(writer.as_mut().poll_flush(cx)).is_err() {
                             return Poll::Ready(Err(sink));

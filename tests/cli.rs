@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 
 use common::*;
 use snigress::config::Config;
@@ -162,79 +160,6 @@ fn certs_mints_a_mesh_pki_with_spiffe_ids() {
     assert!(snigress(&["certs", "--out", &out_dir, "--force"]).status.success());
     let bad = snigress(&["certs", "--out", &out_dir, "--client", "https://nope"]);
     assert_eq!(bad.status.code(), Some(64));
-}
-
-/// A running `snigress run`, its diagnostic and access-log lines streamed.
-struct Running {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-    stdout: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(config: &str) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_snigress"))
-            .args(["run", "--config", config])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let lines = |pipe: Box<dyn std::io::Read + Send>| {
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-            rx
-        };
-        let stderr = lines(Box::new(child.stderr.take().expect("stderr")));
-        let stdout = lines(Box::new(child.stdout.take().expect("stdout")));
-        Running { child, stderr, stdout }
-    }
-
-    /// The next stderr line containing `needle`.
-    fn diag(&self, needle: &str) -> String {
-        loop {
-            let line = self.stderr.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
-        assert!(status.expect("kill").success());
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        self.signal("TERM");
-        self.child.wait().expect("wait")
-    }
-
-    /// Waits for the process to exit, at most `PATIENCE`.
-    fn exit_status(mut self) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(std::time::Instant::now() < deadline, "still running after {PATIENCE:?}");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn json(line: &str) -> serde_json::Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -664,3 +664,77 @@ pub fn swap_configmap(dir: &Path, version: &str, text: &str) {
     std::os::unix::fs::symlink(version, dir.join("..data_tmp")).expect("new ..data link");
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap ..data");
 }
+
+/// A running `snigress run`, its diagnostic and access-log lines streamed.
+pub struct Running {
+    pub child: std::process::Child,
+    pub stderr: std::sync::mpsc::Receiver<String>,
+    pub stdout: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    pub fn start(config: &str) -> Running {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_snigress"))
+            .args(["run", "--config", config])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let lines = |pipe: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            rx
+        };
+        let stderr = lines(Box::new(child.stderr.take().expect("stderr")));
+        let stdout = lines(Box::new(child.stdout.take().expect("stdout")));
+        Running { child, stderr, stdout }
+    }
+
+    /// The next stderr line containing `needle`.
+    pub fn diag(&self, needle: &str) -> String {
+        loop {
+            let line = self.stderr.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status =
+            std::process::Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+        assert!(status.expect("kill").success());
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.child.wait().expect("wait")
+    }
+
+    /// Waits for the process to exit, at most `PATIENCE`.
+    pub fn exit_status(mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "still running after {PATIENCE:?}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn json(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
