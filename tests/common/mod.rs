@@ -48,6 +48,8 @@ pub const ZONE: &[(&str, &[Ipv4Addr])] = &[
     // Nothing listens on 127.0.0.9.
     ("closed.allowed.test", &[Ipv4Addr::new(127, 0, 0, 9)]),
     ("fallback.allowed.test", &[Ipv4Addr::new(127, 0, 0, 9), Ipv4Addr::LOCALHOST]),
+    // The echo upstream resets these after its first read.
+    ("reset.allowed.test", &[Ipv4Addr::LOCALHOST]),
 ];
 
 /// The mesh identities the test PKI holds client certificates for.
@@ -185,6 +187,7 @@ impl Internet {
 
 /// A TLS upstream that echoes what it receives and, once the client has
 /// finished sending, appends `sni=<name it was asked for>\n` and closes.
+/// Asked for `reset.*`, it resets the TCP connection after its first read.
 pub struct Echo {
     pub port: u16,
 }
@@ -198,8 +201,14 @@ impl Echo {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
                     let sni = tls.get_ref().1.server_name().unwrap_or("").to_owned();
+                    if sni.starts_with("reset.") {
+                        let mut first = [0u8; 1024];
+                        let _ = tls.read(&mut first).await;
+                        let _ = socket2::SockRef::from(tls.get_ref().0).set_linger(Some(Duration::ZERO));
+                        return;
+                    }
                     let (mut r, mut w) = tokio::io::split(tls);
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
