@@ -68,7 +68,7 @@ async fn one(
     }
     let sni = match kind {
         Kind::Normal | Kind::ClientVanishes => {
-            if seed % 2 == 0 {
+            if seed.is_multiple_of(2) {
                 "a.allowed.test"
             } else {
                 "b.allowed.test"
