@@ -329,3 +329,60 @@ async fn ech_is_flagged_and_optionally_refused() {
     let r = h.record().await;
     assert_eq!((r.decision, r.reason, r.ech), ("denied", "ech_refused", true));
 }
+
+/// A gateway with one passthrough listener dialling `upstream_port`,
+/// resolving through `nameserver`, with `extra` config appended.
+async fn small_gateway(
+    nameserver: std::net::SocketAddr,
+    upstream_port: u16,
+    extra: &str,
+) -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Record>) {
+    let text = format!(
+        "listeners:\n  - {{name: pt, address: 127.0.0.1:0, mode: passthrough, upstream_port: {upstream_port}}}\npolicy:\n  allow: [\"*.allowed.test\"]\nresolver:\n  nameservers: [\"{nameserver}\"]\n  allow_cidrs: [127.0.0.0/8]\n{extra}"
+    );
+    let config = snigress::config::Config::parse(&text, "small.yaml", std::path::Path::new(".")).expect("config");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let gateway = snigress::listener::Gateway::bind(&config, std::sync::Arc::new(snigress::access_log::Channel(tx)))
+        .await
+        .expect("bind");
+    let addr = gateway.local_addrs()[0].1;
+    tokio::spawn(gateway.serve(std::future::pending()));
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_and_connect_timeouts() {
+    let internet = Internet::new();
+
+    // A nameserver that never answers.
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let (addr, mut records) = small_gateway(silent.local_addr().unwrap(), 443, "timeouts:\n  dns: 500ms\n").await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let e = within("dns timeout", inner_connect(tcp, "a.allowed.test", internet.roots.clone())).await.map(|_| ());
+    assert_eq!(alert_of(&e.expect_err("refused")), Some(AlertDescription::InternalError));
+    let r = within("record", records.recv()).await.expect("record");
+    assert_eq!((r.decision, r.reason, r.termination), ("error", "dns_timeout", "dns_timeout"));
+
+    // An upstream whose accept queue is full: further SYNs go unanswered.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let full = socket.listen(1).expect("listen");
+    let port = full.local_addr().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        // Fill the queue; some of these connects themselves hang: bound them.
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(("127.0.0.1", port))).await
+        {
+            fillers.push(s);
+        }
+    }
+    let dns = Dns::start(ZONE).await;
+    let (addr, mut records) = small_gateway(dns.addr, port, "timeouts:\n  connect: 500ms\n").await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let e = within("connect timeout", inner_connect(tcp, "a.allowed.test", internet.roots.clone())).await.map(|_| ());
+    assert_eq!(alert_of(&e.expect_err("refused")), Some(AlertDescription::InternalError));
+    let r = within("record", records.recv()).await.expect("record");
+    assert_eq!((r.decision, r.reason, r.termination), ("error", "connect_timeout", "connect_timeout"));
+    drop((full, fillers));
+}

@@ -141,3 +141,80 @@ shutdown:
     let log = std::fs::read_to_string(dir.path().join("access.log")).expect("access log");
     assert!(log.lines().any(|l| l.contains("\"reason\":\"connection_limit\"")), "the refusal is logged");
 }
+
+/// CPU time (user + system) of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_pauses_the_accept_loop_without_spinning() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("fds.yaml");
+    std::fs::write(
+        &config,
+        "listeners:\n  - {name: pt, address: 127.0.0.1:0, mode: passthrough}\npolicy:\n  allow: [\"*.allowed.test\"]\nshutdown:\n  grace_period: 0s\n  drain_timeout: 1s\n",
+    )
+    .expect("write config");
+    // The gateway gets 64 descriptors: far fewer than the connections below.
+    let mut child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n 64 && exec '{}' run --config '{}'", env!("CARGO_BIN_EXE_snigress"), config.display()),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (tx, stderr) = std::sync::mpsc::channel();
+    let pipe = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_line = |needle: &str| loop {
+        let line = stderr.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    let listening = json(&wait_line("\"listening\""));
+    let addr: std::net::SocketAddr = listening["fields"]["address"].as_str().expect("address").parse().expect("addr");
+    let pid = child.id();
+
+    // 100 clients that connect and say nothing hold the gateway's descriptors.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(within("connect", TcpStream::connect(addr)).await.expect("the kernel accepts"));
+    }
+    wait_line("out of resources");
+    let before = cpu_ticks(pid);
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ticks = cpu_ticks(pid) - before;
+    let elapsed_ticks = started.elapsed().as_secs_f64() * 100.0; // USER_HZ
+    println!("gateway CPU while out of descriptors: {ticks} ticks in {elapsed_ticks:.0}");
+    assert!((ticks as f64) < elapsed_ticks * 0.25, "the accept loop spins: {ticks} ticks in {elapsed_ticks:.0}");
+
+    // Once descriptors are free again, the gateway serves as before.
+    drop(idle);
+    let hello = client_hello("a.unlisted.test");
+    within("recovered", async {
+        loop {
+            let mut tcp = TcpStream::connect(addr).await.expect("connect");
+            let _ = tcp.write_all(&hello).await;
+            let (got, _) = read_all(&mut tcp).await;
+            if got == snigress::sni::alert::record(snigress::sni::alert::ACCESS_DENIED) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
