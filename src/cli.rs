@@ -85,4 +85,53 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Wrap local TCP connections in the mesh's outer mTLS to a gateway.
+    ///
+    /// For callers without a mesh (a VM, a CI runner, a laptop): point the
+    /// application's TLS at --listen (e.g. curl --connect-to NAME:443:LISTEN)
+    /// and each connection is carried to the gateway inside mTLS with this
+    /// client certificate, as an Istio sidecar would. The application's own
+    /// TLS is untouched, end to end with the destination.
+    Sidecar(SidecarArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SidecarArgs {
+    /// Local address to accept the application's connections on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10443")]
+    pub listen: std::net::SocketAddr,
+    /// The gateway's mtls listener, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub gateway: String,
+    /// Client certificate chain (PEM) with the caller's SPIFFE ID.
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Mesh root certificates (PEM) the gateway's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// Outer SNI, and the name the gateway certificate must carry unless
+    /// --gateway-id is given. Default: the host part of --gateway.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Verify the gateway by its SPIFFE ID (URI SAN) instead of by name, as
+    /// Istio does (DestinationRule subjectAltNames).
+    #[arg(long, value_name = "SPIFFE_ID")]
+    pub gateway_id: Option<String>,
+    /// ALPN protocols to offer on the outer layer (repeatable); Istio's
+    /// sidecar offers istio-peer-exchange and istio.
+    #[arg(long = "alpn", value_name = "PROTOCOL", default_values = ["istio-peer-exchange", "istio"])]
+    pub alpn: Vec<String>,
+    /// Time allowed to reach the gateway and complete the outer handshake.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    pub connect_timeout: std::time::Duration,
+    /// Close a connection when no byte moved for this long.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
+    pub idle_timeout: std::time::Duration,
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(s).ok_or_else(|| format!("invalid duration {s:?}: use 250ms, 10s, 5m or 1h"))
 }

@@ -666,7 +666,7 @@ impl<'de> Deserialize<'de> for PrincipalField {
 #[derive(Clone, Copy)]
 struct Dur(Duration);
 
-fn parse_duration(s: &str) -> Option<Duration> {
+pub fn parse_duration(s: &str) -> Option<Duration> {
     let split = s.find(|c: char| !c.is_ascii_digit())?;
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().ok()?;

@@ -28,7 +28,8 @@
 //! - [`resolve`], [`connect`], [`splice`]: the way to the target.
 //! - [`access_log`]: the per-connection record and its writer.
 //! - [`metrics`], [`admin`]: Prometheus metrics; /metrics, /healthz, /readyz.
-//! - [`devcerts`]: the development PKI.
+//! - [`devcerts`]: the development PKI; [`sidecar`]: the client half of the mesh.
+//! - [`reload`]: live reload of the config and certificates.
 
 #![forbid(unsafe_code)]
 
@@ -48,5 +49,6 @@ pub mod name;
 pub mod policy;
 pub mod reload;
 pub mod resolve;
+pub mod sidecar;
 pub mod sni;
 pub mod splice;

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Certs { out, clients, gateway_id, server_names, force } => {
             certs(&out, &clients, &gateway_id, server_names, force)
         }
+        Command::Sidecar(args) => sidecar(args),
     }
 }
 
@@ -69,6 +70,71 @@ fn check_cmd(path: &std::path::Path, sni: Option<&str>, principal: Option<&str>)
         print!("{}", check::explain(&config, sni, principal.as_ref()));
     }
     ExitCode::SUCCESS
+}
+
+fn sidecar(args: snigress::cli::SidecarArgs) -> ExitCode {
+    let gateway_id = match args.gateway_id.as_deref().map(Principal::parse).transpose() {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("--gateway-id: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let server_name = args.server_name.unwrap_or_else(|| {
+        let host = args.gateway.rsplit_once(':').map_or(args.gateway.as_str(), |(host, _)| host);
+        host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    });
+    let settings = snigress::sidecar::Settings {
+        listen: args.listen,
+        gateway: args.gateway,
+        server_name,
+        gateway_id,
+        cert: args.cert,
+        key: args.key,
+        ca: args.ca,
+        alpn: args.alpn,
+        connect_timeout: args.connect_timeout,
+        idle_timeout: args.idle_timeout,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async {
+        let sidecar = match snigress::sidecar::Sidecar::bind(settings.clone()).await {
+            Ok(s) => s,
+            Err(e @ snigress::sidecar::SidecarError::Bind(..)) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let address = sidecar.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(%address, gateway = %settings.gateway, server_name = %settings.server_name, "sidecar listening");
+        let stop = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = sidecar.serve() => {}
+            () = stop => tracing::info!("sidecar stopped"),
+        }
+        ExitCode::SUCCESS
+    })
 }
 
 fn certs(

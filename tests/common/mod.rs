@@ -683,8 +683,13 @@ pub struct Running {
 
 impl Running {
     pub fn start(config: &str) -> Running {
+        Running::with_args(&["run", "--config", config])
+    }
+
+    /// `snigress` with any arguments.
+    pub fn with_args(args: &[&str]) -> Running {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_snigress"))
-            .args(["run", "--config", config])
+            .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
