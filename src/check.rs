@@ -8,8 +8,9 @@ use crate::name::ServerName;
 use crate::policy::{Action, Decision, Match, Policy};
 
 /// Loads what `run` would load short of binding: the certificate files (or
-/// an existing dev PKI). Returns a one-paragraph summary.
-pub fn validate(config: &Config) -> Result<String, ConfigError> {
+/// an existing dev PKI) unless `cert_files` is false (for a config whose
+/// files exist only where it is deployed). Returns a one-paragraph summary.
+pub fn validate(config: &Config, cert_files: bool) -> Result<String, ConfigError> {
     let needs_outer = config.listeners.iter().any(|l| l.mode == crate::config::Mode::Mtls);
     let mut notes = String::new();
     if let (Some(settings), true) = (config.outer_settings(), needs_outer) {
@@ -19,6 +20,8 @@ pub fn validate(config: &Config) -> Result<String, ConfigError> {
         };
         if dev_pki_pending {
             notes.push_str("; the dev PKI will be minted on first run");
+        } else if !cert_files {
+            notes.push_str("; certificate files not read (--skip-cert-files)");
         } else {
             crate::mtls::server_config(&settings).map_err(|e| config.material_error(&e))?;
         }

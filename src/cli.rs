@@ -62,6 +62,10 @@ pub enum Command {
         /// The caller's SPIFFE ID (spiffe://<trust-domain>/ns/<ns>/sa/<sa>), for per-identity rules.
         #[arg(long, value_name = "SPIFFE_ID", requires = "sni")]
         principal: Option<String>,
+        /// Check everything but the certificate files themselves (for a
+        /// config whose files exist only where it is deployed, e.g. in CI).
+        #[arg(long)]
+        skip_cert_files: bool,
     },
     /// Mint a development mesh PKI: CA, gateway certificate, client certificates.
     ///

@@ -22,7 +22,9 @@ fn main() -> ExitCode {
     init_tracing(&cli);
     match cli.command {
         Command::Run { config } => run(&config),
-        Command::Check { config, sni, principal } => check_cmd(&config, sni.as_deref(), principal.as_deref()),
+        Command::Check { config, sni, principal, skip_cert_files } => {
+            check_cmd(&config, sni.as_deref(), principal.as_deref(), !skip_cert_files)
+        }
         Command::Certs { out, clients, gateway_id, server_names, force } => {
             certs(&out, &clients, &gateway_id, server_names, force)
         }
@@ -47,12 +49,12 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn check_cmd(path: &std::path::Path, sni: Option<&str>, principal: Option<&str>) -> ExitCode {
+fn check_cmd(path: &std::path::Path, sni: Option<&str>, principal: Option<&str>, cert_files: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match check::validate(&config) {
+    match check::validate(&config, cert_files) {
         Ok(summary) => println!("{summary}"),
         Err(e) => {
             eprintln!("{e}");
