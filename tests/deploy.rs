@@ -106,7 +106,7 @@ fn names_ports_identities_and_timings_line_up() {
     let sa = pod["serviceAccountName"].as_str().expect("serviceAccountName");
     assert_eq!(account["metadata"]["name"], sa);
     let id = format!("spiffe://cluster.local/ns/{namespace}/sa/{sa}");
-    assert_eq!(strings(&dr["spec"]["trafficPolicy"]["tls"]["subjectAltNames"]), [id.clone()]);
+    assert_eq!(strings(&dr["spec"]["trafficPolicy"]["tls"]["subjectAltNames"]), std::slice::from_ref(&id));
     assert!(Principal::parse(&id).is_ok());
 
     // The Service port is named tls-* and reaches the mtls listener.
