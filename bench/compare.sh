@@ -1,0 +1,228 @@
+#!/bin/bash
+# Side-by-side load comparison of snigress with HAProxy, nginx (stream,
+# ssl_preread) and sniproxy, on loopback, on this machine, in one run.
+#
+#   bench/compare.sh                 # RUNS=3 DURATION=5 by default
+#   RUNS=5 DURATION=10 bench/compare.sh
+#
+# Every proxy does the same job with the same worker count (2): terminate
+# the mesh mTLS (mtls targets) or take TLS directly (passthrough targets),
+# read the inner SNI, check it against *.allowed.test, resolve it through the
+# same DNS server (sniproxy: a static table, it cannot use a DNS port other
+# than 53), connect and splice. "direct" is the client talking to the
+# upstream without any proxy. The load generator (examples/loadgen.rs) and
+# the upstream run in their own processes; each proxy's CPU time is read
+# from /proc for its whole process tree. Results: bench/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-5}
+CONCURRENCY=${CONCURRENCY:-16}
+BULK_BYTES=${BULK_BYTES:-1073741824}
+LATENCY_RATE=${LATENCY_RATE:-100}
+IDLE_COUNTS=${IDLE_COUNTS:-"2000 9000"}
+
+need=""
+command -v haproxy >/dev/null || need="$need haproxy"
+command -v nginx >/dev/null || need="$need nginx-light libnginx-mod-stream"
+command -v sniproxy >/dev/null || need="$need sniproxy"
+if [ -n "$need" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need
+fi
+cargo build --release --quiet --bin snigress --example loadgen
+LG=$PWD/target/release/examples/loadgen
+SNIGRESS=$PWD/target/release/snigress
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_file() { for _ in $(seq 100); do [ -s "$1" ] && return 0; sleep 0.1; done; echo "timeout waiting for $1" >&2; exit 1; }
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+PKI=$work/pki
+$LG pki "$PKI"
+export LOADGEN_PKI=$PKI
+$LG dns "$work/dns.port" & pids+=($!)
+$LG upstream "$PKI" "$work/up.port" & pids+=($!)
+wait_file "$work/dns.port"; wait_file "$work/up.port"
+DNS=$(cat "$work/dns.port"); UP=$(cat "$work/up.port")
+
+SN_MTLS=$(free_port); SN_PT=$(free_port); HA_MTLS=$(free_port); HA_PT=$(free_port)
+NG_MTLS=$(free_port); NG_PT=$(free_port); SP_PT=$(free_port)
+
+cat > "$work/snigress.yaml" <<YAML
+listeners:
+  - {name: mtls, address: "127.0.0.1:$SN_MTLS", mode: mtls, upstream_port: $UP}
+  - {name: pt, address: "127.0.0.1:$SN_PT", mode: passthrough, upstream_port: $UP}
+mtls: {cert: pki/gateway.pem, key: pki/gateway.key, client_ca: pki/ca.pem}
+policy: {allow: ["*.allowed.test"]}
+resolver: {nameservers: ["127.0.0.1:$DNS"], allow_cidrs: [127.0.0.0/8]}
+limits: {max_connections: 9500, max_connections_per_source: 9500}
+access_log: {path: /dev/null}
+YAML
+SNIGRESS_LOG=warn "$SNIGRESS" run --config "$work/snigress.yaml" & pids+=($!); SN_PID=$!
+
+rules="  tcp-request inspect-delay 5s
+  tcp-request content reject unless { req.ssl_hello_type 1 }
+  tcp-request content set-var(sess.sni) req.ssl_sni,lower
+  tcp-request content reject unless { var(sess.sni) -m end .allowed.test }
+  tcp-request content do-resolve(sess.dstip,mydns,ipv4) var(sess.sni)
+  tcp-request content reject unless { var(sess.dstip) -m found }
+  tcp-request content set-dst var(sess.dstip)
+  default_backend be"
+cat > "$work/haproxy.cfg" <<CFG
+global
+  nbthread 2
+  maxconn 9500
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+resolvers mydns
+  nameserver local 127.0.0.1:$DNS
+  hold valid 10s
+frontend mtls
+  bind 127.0.0.1:$HA_MTLS ssl crt $PKI/gateway-with-key.pem ca-file $PKI/ca.pem verify required
+$rules
+frontend pt
+  bind 127.0.0.1:$HA_PT
+$rules
+backend be
+  server s 0.0.0.0:$UP
+CFG
+haproxy -db -f "$work/haproxy.cfg" & pids+=($!); HA_PID=$!
+
+cat > "$work/nginx.conf" <<CFG
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid $work/nginx.pid;
+events { worker_connections 10000; }
+stream {
+  resolver 127.0.0.1:$DNS valid=10s ipv6=off;
+  map \$ssl_preread_server_name \$target {
+    hostnames;
+    *.allowed.test \$ssl_preread_server_name:$UP;
+    default 127.0.0.1:1;
+  }
+  server { listen 127.0.0.1:$NG_PT; ssl_preread on; proxy_pass \$target; }
+  server {
+    listen 127.0.0.1:$NG_MTLS ssl;
+    ssl_certificate $PKI/gateway.pem;
+    ssl_certificate_key $PKI/gateway.key;
+    ssl_client_certificate $PKI/ca.pem;
+    ssl_verify_client on;
+    ssl_preread on;
+    proxy_pass \$target;
+  }
+}
+CFG
+nginx -p "$work" -e "$work/nginx-error.log" -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!); NG_PID=$!
+
+cat > "$work/sniproxy.conf" <<CFG
+user root
+pidfile $work/sniproxy.pid
+error_log {
+    filename $work/sniproxy-error.log
+}
+listener 127.0.0.1:$SP_PT {
+    protocol tls
+    table bench
+}
+table bench {
+    bench\.allowed\.test 127.0.0.1:$UP
+}
+CFG
+sniproxy -f -c "$work/sniproxy.conf" & pids+=($!); SP_PID=$!
+
+for p in $SN_MTLS $SN_PT $HA_MTLS $HA_PT $NG_MTLS $NG_PT $SP_PT; do wait_port "$p"; done
+
+# target name, address, proxy pid (empty: none), --mtls or nothing
+targets_pt="direct:127.0.0.1:$UP:: snigress:127.0.0.1:$SN_PT:$SN_PID: haproxy:127.0.0.1:$HA_PT:$HA_PID: nginx:127.0.0.1:$NG_PT:$NG_PID: sniproxy:127.0.0.1:$SP_PT:$SP_PID:"
+targets_mtls="snigress:127.0.0.1:$SN_MTLS:$SN_PID:m haproxy:127.0.0.1:$HA_MTLS:$HA_PID:m nginx:127.0.0.1:$NG_MTLS:$NG_PID:m"
+
+tree() { echo "$1"; for c in $(pgrep -P "$1" 2>/dev/null); do tree "$c"; done; }
+ticks() { # user+system clock ticks of a process tree
+    [ -z "$1" ] && { echo 0; return; }
+    local t=0
+    for p in $(tree "$1"); do
+        t=$((t + $(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo $t
+}
+rss_kib() { local t=0; for p in $(tree "$1"); do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0))); done; echo $t; }
+
+results=$work/results.tsv
+: > "$results"
+measure() { # scenario mode target addr pid mtlsflag -- loadgen args
+    local scenario=$1 mode=$2 name=$3 addr=$4 pid=$5 flag=$6; shift 6
+    local extra=()
+    [ "$flag" = m ] && extra=(--mtls "$PKI")
+    local before after out
+    before=$(ticks "$pid")
+    out=$("$LG" "$@" "${extra[@]}") || out='{"failed":true}'
+    after=$(ticks "$pid")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$scenario" "$mode" "$name" "$out" "$((after - before))" >> "$results"
+    echo "$scenario $mode $name: $out cpu_ticks=$((after - before))" >&2
+}
+each() { # mode targets -- callback
+    local mode=$1 list=$2; shift 2
+    for t in $list; do
+        IFS=: read -r name host port pid flag <<< "$t"
+        "$@" "$mode" "$name" "$host:$port" "$pid" "$flag"
+    done
+}
+rate_one() { measure rate "$1" "$2" "$3" "$4" "$5" rate "$3" "$DURATION" "$CONCURRENCY"; }
+bulk_one() { measure bulk "$1" "$2" "$3" "$4" "$5" bulk "$3" "$BULK_BYTES"; }
+latency_one() { measure latency "$1" "$2" "$3" "$4" "$5" latency "$3" "$DURATION" "$LATENCY_RATE"; }
+
+# Warm-up: one short pass over every target.
+for t in $targets_pt $targets_mtls; do
+    IFS=: read -r name host port pid flag <<< "$t"
+    extra=(); [ "$flag" = m ] && extra=(--mtls "$PKI")
+    "$LG" rate "$host:$port" 1 4 "${extra[@]}" > /dev/null
+done
+
+for run in $(seq "$RUNS"); do
+    echo "== run $run of $RUNS" >&2
+    each passthrough "$targets_pt" rate_one
+    each mtls "$targets_mtls" rate_one
+    each passthrough "$targets_pt" bulk_one
+    each mtls "$targets_mtls" bulk_one
+    each passthrough "$targets_pt" latency_one
+    each mtls "$targets_mtls" latency_one
+done
+
+# Memory per idle established connection.
+for count in $IDLE_COUNTS; do
+    for t in $targets_pt $targets_mtls; do
+        IFS=: read -r name host port pid flag <<< "$t"
+        [ -z "$pid" ] && continue
+        mode=passthrough; extra=()
+        [ "$flag" = m ] && { mode=mtls; extra=(--mtls "$PKI"); }
+        before=$(rss_kib "$pid")
+        fifo=$work/idle.fifo; rm -f "$fifo"; mkfifo "$fifo"
+        "$LG" idle "$host:$port" "$count" "${extra[@]}" < "$fifo" > "$work/idle.out" & lg=$!
+        exec 4>"$fifo"
+        wait_file "$work/idle.out"
+        after=$(rss_kib "$pid")
+        held=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["held"])' "$work/idle.out")
+        exec 4>&-
+        wait "$lg" || true
+        rm -f "$work/idle.out"
+        printf 'idle\t%s\t%s\t{"count":%s,"held":%s,"rss_before_kib":%s,"rss_after_kib":%s}\t0\n' \
+            "$mode" "$name" "$count" "$held" "$before" "$after" >> "$results"
+        echo "idle $mode $name $count: held $held, RSS $before -> $after KiB" >&2
+        sleep 2 # let the proxy close the previous batch before the next
+    done
+done
+
+python3 bench/report.py "$results" "$(nproc)" "$RUNS" "$DURATION" "$CONCURRENCY" "$BULK_BYTES" "$LATENCY_RATE" > bench/results.md
+cat bench/results.md

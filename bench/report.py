@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Turns bench/compare.sh measurements into bench/results.md.
+
+Input: a TSV of scenario, mode, target, JSON result, proxy CPU clock ticks.
+Output (stdout): Markdown tables of medians, run-to-run spreads (min..max)
+and ratios to the peers and to a direct connection.
+"""
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def load(path):
+    rows = defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            scenario, mode, target, result, ticks = line.rstrip("\n").split("\t")
+            result = json.loads(result)
+            if not result.get("failed"):
+                rows[(scenario, mode, target)].append((result, int(ticks)))
+    return rows
+
+
+def med(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values):
+    return f"{min(values):.4g}..{max(values):.4g}" if values else "-"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if b and a == a and b == b else "-"
+
+
+def main():
+    path, cores, runs, duration, concurrency, bulk_bytes, rate = sys.argv[1:8]
+    rows = load(path)
+    out = []
+    out.append("# Load comparison\n")
+    out.append(
+        f"Machine: {cores} cores, loopback. {runs} runs per measurement, interleaved across targets; "
+        f"median and run-to-run spread (min..max). Connection rate: {concurrency} concurrent clients "
+        f"for {duration} s, each connection a full (outer mTLS +) inner TLS handshake, an 8-byte request "
+        f"and a 100-byte response. Bulk: one connection downloading {int(bulk_bytes) >> 20} MiB. Latency: "
+        f"open loop at {rate} connections/s for {duration} s. CPU: the proxy's own process tree "
+        f"(user + system), from /proc.\n"
+    )
+
+    def table(mode, peers):
+        targets = ["direct"] * (mode == "passthrough") + ["snigress"] + peers
+        out.append(f"\n## {mode}\n")
+        out.append("| target | conn/s | CPU ms/conn | MiB/s (bulk) | CPU s/GiB | p50 ms | p99 ms | added p99 ms |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        direct_p99 = med([r["p99_ms"] for r, _ in rows.get(("latency", "passthrough", "direct"), [])])
+        stats = {}
+        for t in targets:
+            rate_rows = rows.get(("rate", mode, t), [])
+            bulk_rows = rows.get(("bulk", mode, t), [])
+            lat_rows = rows.get(("latency", mode, t), [])
+            cps = [r["per_second"] for r, _ in rate_rows]
+            cpu_conn = [ticks * 1000 / HZ / max(r["connections"], 1) for r, ticks in rate_rows]
+            mibs = [r["mib_per_second"] for r, _ in bulk_rows]
+            cpu_gib = [ticks / HZ / (r["bytes"] / 2**30) for r, ticks in bulk_rows]
+            p50 = [r["p50_ms"] for r, _ in lat_rows]
+            p99 = [r["p99_ms"] for r, _ in lat_rows]
+            added = [p - direct_p99 for p in p99]
+            stats[t] = dict(cps=med(cps), cpu_conn=med(cpu_conn), mibs=med(mibs), cpu_gib=med(cpu_gib),
+                            p99=med(p99), added=med(added))
+            direct = t == "direct"
+            out.append(
+                f"| {t} | {med(cps):.0f} ({spread(cps)}) | {'-' if direct else f'{med(cpu_conn):.3f} ({spread(cpu_conn)})'} "
+                f"| {med(mibs):.0f} ({spread(mibs)}) | {'-' if direct else f'{med(cpu_gib):.2f} ({spread(cpu_gib)})'} "
+                f"| {med(p50):.2f} | {med(p99):.2f} ({spread(p99)}) | {'-' if direct else f'{med(added):.2f}'} |"
+            )
+        s = stats["snigress"]
+        out.append("")
+        out.append("| snigress vs | conn/s | CPU per conn (lower is better) | throughput | CPU per GiB | added p99 |")
+        out.append("|---|---|---|---|---|---|")
+        for t in (["direct"] if mode == "passthrough" else []) + peers:
+            p = stats[t]
+            out.append(
+                f"| {t} | {ratio(s['cps'], p['cps'])} | {'-' if t == 'direct' else ratio(s['cpu_conn'], p['cpu_conn'])} "
+                f"| {ratio(s['mibs'], p['mibs'])} | {'-' if t == 'direct' else ratio(s['cpu_gib'], p['cpu_gib'])} "
+                f"| {'-' if t == 'direct' else ratio(s['added'], p['added'])} |"
+            )
+
+    table("passthrough", ["haproxy", "nginx", "sniproxy"])
+    table("mtls", ["haproxy", "nginx"])
+
+    out.append("\n## Memory per idle established connection\n")
+    out.append("| mode | target | connections held | RSS before (MiB) | RSS after (MiB) | bytes per connection |")
+    out.append("|---|---|---|---|---|---|")
+    for (scenario, mode, target), items in sorted(rows.items()):
+        if scenario != "idle":
+            continue
+        for r, _ in items:
+            per = (r["rss_after_kib"] - r["rss_before_kib"]) * 1024 / max(r["held"], 1)
+            out.append(
+                f"| {mode} | {target} | {r['held']} of {r['count']} | {r['rss_before_kib'] / 1024:.1f} "
+                f"| {r['rss_after_kib'] / 1024:.1f} | {per:.0f} |"
+            )
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
