@@ -9,7 +9,7 @@ use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::Serialize;
 
@@ -56,15 +56,33 @@ pub trait Sink: Send + Sync {
     fn emit(&self, record: Record);
 }
 
-/// JSON lines on a writer thread.
+/// JSON lines, written by a thread of their own in batches: records queue
+/// up and the writer takes them every [`BATCH_INTERVAL`] (or sooner when
+/// [`BATCH_SIZE`] are waiting), so a connection costs no thread wake-up and
+/// a busy gateway one write per batch.
 pub struct JsonLines {
-    tx: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
 }
 
-enum Message {
-    Record(Box<Record>),
-    /// Answered once everything sent before it is written and flushed.
-    Flush(mpsc::Sender<()>),
+/// Longest a record waits before it is written.
+pub const BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Records that wake the writer before the interval is up.
+pub const BATCH_SIZE: usize = 1024;
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when a batch is full or a flush is asked for.
+    wake: Condvar,
+    /// Signalled after each written batch.
+    written: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    records: Vec<Record>,
+    /// Flushes asked for, and the last one completed.
+    flush_asked: u64,
+    flush_done: u64,
 }
 
 impl JsonLines {
@@ -78,59 +96,67 @@ impl JsonLines {
     }
 
     pub fn spawn(out: Box<dyn Write + Send>) -> JsonLines {
-        let (tx, rx) = mpsc::channel::<Message>();
+        let shared = Arc::new(Shared { queue: Mutex::default(), wake: Condvar::new(), written: Condvar::new() });
+        let writer = shared.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_loop(rx, out))
+            .spawn(move || write_loop(&writer, out))
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the access-log thread"));
-        JsonLines { tx }
+        JsonLines { shared }
     }
 
     /// Waits (at most `timeout`) until every record emitted so far is written.
     pub fn flush(&self, timeout: std::time::Duration) {
-        let (done, wait) = mpsc::channel();
-        if self.tx.send(Message::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(timeout);
-        }
+        let mut queue = self.shared.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        queue.flush_asked += 1;
+        let want = queue.flush_asked;
+        self.shared.wake.notify_one();
+        let _ = self
+            .shared
+            .written
+            .wait_timeout_while(queue, timeout, |q| q.flush_done < want)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
 }
 
-/// Writes each record as one line; flushes whenever the queue is empty, so a
-/// burst costs one flush and a lone record is visible at once.
-fn write_loop(rx: mpsc::Receiver<Message>, out: Box<dyn Write + Send>) {
-    let mut out = BufWriter::new(out);
-    let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
-    let handle = |out: &mut BufWriter<_>, message: Message, waiting: &mut Vec<mpsc::Sender<()>>| match message {
-        Message::Record(record) => {
+fn write_loop(shared: &Shared, out: Box<dyn Write + Send>) {
+    let mut out = BufWriter::with_capacity(64 * 1024, out);
+    let mut batch = Vec::new();
+    loop {
+        let flush_asked = {
+            let queue = shared.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let (mut queue, _) = shared
+                .wake
+                .wait_timeout_while(queue, BATCH_INTERVAL, |q| {
+                    q.records.len() < BATCH_SIZE && q.flush_asked == q.flush_done
+                })
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            std::mem::swap(&mut batch, &mut queue.records);
+            queue.flush_asked
+        };
+        for record in batch.drain(..) {
             if let Err(e) =
-                serde_json::to_writer(&mut *out, &record).map_err(io::Error::from).and_then(|()| out.write_all(b"\n"))
+                serde_json::to_writer(&mut out, &record).map_err(io::Error::from).and_then(|()| out.write_all(b"\n"))
             {
                 tracing::error!(error = %e, "cannot write the access log");
             }
         }
-        Message::Flush(done) => waiting.push(done),
-    };
-    while let Ok(message) = rx.recv() {
-        handle(&mut out, message, &mut waiting);
-        while let Ok(message) = rx.try_recv() {
-            handle(&mut out, message, &mut waiting);
-        }
         if let Err(e) = out.flush() {
             tracing::error!(error = %e, "cannot flush the access log");
         }
-        for done in waiting.drain(..) {
-            let _ = done.send(());
-        }
+        let mut queue = shared.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        queue.flush_done = flush_asked;
+        shared.written.notify_all();
     }
 }
 
 impl Sink for JsonLines {
     fn emit(&self, record: Record) {
-        // The writer thread lives as long as the process; if it died, the
-        // record is lost and the diagnostic log says so.
-        if self.tx.send(Message::Record(Box::new(record))).is_err() {
-            tracing::error!("access-log writer is gone; record dropped");
+        let mut queue = self.shared.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        queue.records.push(record);
+        if queue.records.len() == BATCH_SIZE {
+            self.shared.wake.notify_one();
         }
     }
 }

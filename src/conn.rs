@@ -197,6 +197,24 @@ fn record(
     }
 }
 
+/// The plain TCP socket of a client stream, when no TLS layer sits in
+/// between (passthrough): then bytes can move with `splice(2)`.
+trait PlainTcp {
+    fn plain_tcp(&self) -> Option<&TcpStream>;
+}
+
+impl PlainTcp for TcpStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl PlainTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
 /// What the inner stages work with.
 struct Stage<'a> {
     listener: &'a ListenerInfo,
@@ -212,7 +230,10 @@ impl Stage<'_> {
             Mode::Passthrough => self.inner(tcp, facts).await,
             Mode::Mtls => match self.state.outer.as_ref() {
                 None => Outcome::error("internal_error", "refused", "mtls listener without outer TLS settings"),
-                Some(outer) => match outer.accept(tcp).await {
+                // Boxed, like the other setup stages below: their futures are
+                // large and short-lived, and must not stay in the state of a
+                // connection that then idles for hours.
+                Some(outer) => match Box::pin(outer.accept(tcp)).await {
                     Ok((tls, peer)) => {
                         facts.principal = Some(peer.principal);
                         facts.outer_sni = peer.outer_sni;
@@ -236,12 +257,12 @@ impl Stage<'_> {
     /// (passthrough).
     async fn inner<S>(&self, mut client: S, facts: &mut Facts) -> Outcome
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin + PlainTcp,
     {
         let Stage { listener, state, metrics, transfer } = *self;
 
         // Inner ClientHello.
-        let (buf, hello) = match read_hello(&mut client, state, transfer).await {
+        let (buf, hello) = match Box::pin(read_hello(&mut client, state, transfer)).await {
             Ok(found) => found,
             Err(HelloFailure { outcome, alert: Some(a) }) => return refuse(client, a, outcome).await,
             Err(HelloFailure { outcome, alert: None }) => return outcome,
@@ -294,7 +315,7 @@ impl Stage<'_> {
 
         // Resolve and vet.
         let asked = Instant::now();
-        let resolved = state.resolver.resolve(&name).await;
+        let resolved = Box::pin(state.resolver.resolve(&name)).await;
         let dns_result = match &resolved {
             Ok(_) | Err(ResolveError::AllRefused(_)) => DnsResult::Ok,
             Err(ResolveError::NxDomain) => DnsResult::NxDomain,
@@ -323,7 +344,7 @@ impl Stage<'_> {
 
         // Connect.
         let dialled = Instant::now();
-        let connected = connect(&resolved.addrs, listener.upstream_port, state.timeouts.connect).await;
+        let connected = Box::pin(connect(&resolved.addrs, listener.upstream_port, state.timeouts.connect)).await;
         let (mut upstream, addr) = match connected {
             Ok(found) => {
                 metrics.connect("ok", dialled.elapsed());
@@ -342,7 +363,11 @@ impl Stage<'_> {
 
         // Replay and splice.
         // Everything read so far is replayed: the hello and whatever followed it.
-        let termination = splice(&mut client, &mut upstream, buf, state.timeouts.idle, transfer).await;
+        let idle = state.timeouts.idle;
+        let termination = match client.plain_tcp() {
+            Some(tcp) => crate::zerocopy::splice_tcp(tcp, &upstream, buf, idle, transfer).await,
+            None => splice(&mut client, &mut upstream, buf, idle, transfer).await,
+        };
         Outcome { decision: "allowed", reason: "allowed", termination: termination.as_str(), detail: None }
     }
 }

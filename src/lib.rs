@@ -12,6 +12,7 @@
 //!  -> resolve + vet           resolve.rs    DNS (absolute names), SSRF guard
 //!  -> connect                 connect.rs    each vetted address in turn
 //!  -> replay + splice         splice.rs     buffered bytes first, then both ways
+//!                             zerocopy.rs   splice(2) through a pipe when both sides are TCP
 //!  -> one access record       access_log.rs JSON line per connection
 //!     + counters               metrics.rs    per SNI and caller, bytes live
 //! ```
@@ -52,3 +53,4 @@ pub mod resolve;
 pub mod sidecar;
 pub mod sni;
 pub mod splice;
+pub mod zerocopy;

@@ -47,7 +47,7 @@ impl Transfer {
         }
     }
 
-    fn add_to_client(&self, n: usize) {
+    pub fn add_to_client(&self, n: usize) {
         self.to_client.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(live) = self.live.get() {
             live.add_to_client(n as u64);
