@@ -4,6 +4,7 @@
 #
 #   bench/compare.sh                 # RUNS=3 DURATION=5 by default
 #   RUNS=5 DURATION=10 bench/compare.sh
+#   SKIP_LOAD=1 IDLE_COUNTS=9000 bench/compare.sh   # idle memory only, added to bench/results.tsv
 #
 # Every proxy does the same job with the same worker count (2): terminate
 # the mesh mTLS (mtls targets) or take TLS directly (passthrough targets),
@@ -42,7 +43,10 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_file() { for _ in $(seq 100); do [ -s "$1" ] && return 0; sleep 0.1; done; echo "timeout waiting for $1" >&2; exit 1; }
+wait_file() { # FILE [SECONDS]
+    for _ in $(seq $((${2:-10} * 10))); do [ -s "$1" ] && return 0; sleep 0.1; done
+    echo "timeout waiting for $1" >&2; exit 1
+}
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 PKI=$work/pki
@@ -159,8 +163,10 @@ ticks() { # user+system clock ticks of a process tree
 }
 rss_kib() { local t=0; for p in $(tree "$1"); do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0))); done; echo $t; }
 
-results=$work/results.tsv
-: > "$results"
+# Raw measurements, kept beside the report (appended to with SKIP_LOAD=1,
+# so the idle counts can be measured separately).
+results=bench/results.tsv
+[ -n "${SKIP_LOAD:-}" ] || : > "$results"
 measure() { # scenario mode target addr pid mtlsflag -- loadgen args
     local scenario=$1 mode=$2 name=$3 addr=$4 pid=$5 flag=$6; shift 6
     local extra=()
@@ -191,6 +197,7 @@ for t in $targets_pt $targets_mtls; do
 done
 
 for run in $(seq "$RUNS"); do
+    [ -n "${SKIP_LOAD:-}" ] && break
     echo "== run $run of $RUNS" >&2
     each passthrough "$targets_pt" rate_one
     each mtls "$targets_mtls" rate_one
@@ -211,7 +218,7 @@ for count in $IDLE_COUNTS; do
         fifo=$work/idle.fifo; rm -f "$fifo"; mkfifo "$fifo"
         "$LG" idle "$host:$port" "$count" "${extra[@]}" < "$fifo" > "$work/idle.out" & lg=$!
         exec 4>"$fifo"
-        wait_file "$work/idle.out"
+        wait_file "$work/idle.out" 600
         after=$(rss_kib "$pid")
         held=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["held"])' "$work/idle.out")
         exec 4>&-
