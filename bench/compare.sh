@@ -70,7 +70,6 @@ resolver: {nameservers: ["127.0.0.1:$DNS"], allow_cidrs: [127.0.0.0/8]}
 limits: {max_connections: 9500, max_connections_per_source: 9500}
 access_log: {path: /dev/null}
 YAML
-SNIGRESS_LOG=warn "$SNIGRESS" run --config "$work/snigress.yaml" & pids+=($!); SN_PID=$!
 
 rules="  tcp-request inspect-delay 5s
   tcp-request content reject unless { req.ssl_hello_type 1 }
@@ -101,7 +100,6 @@ $rules
 backend be
   server s 0.0.0.0:$UP
 CFG
-haproxy -db -f "$work/haproxy.cfg" & pids+=($!); HA_PID=$!
 
 cat > "$work/nginx.conf" <<CFG
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
@@ -128,7 +126,6 @@ stream {
   }
 }
 CFG
-nginx -p "$work" -e "$work/nginx-error.log" -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!); NG_PID=$!
 
 cat > "$work/sniproxy.conf" <<CFG
 user root
@@ -144,13 +141,27 @@ table bench {
     bench\.allowed\.test 127.0.0.1:$UP
 }
 CFG
-sniproxy -f -c "$work/sniproxy.conf" & pids+=($!); SP_PID=$!
 
-for p in $SN_MTLS $SN_PT $HA_MTLS $HA_PT $NG_MTLS $NG_PT $SP_PT; do wait_port "$p"; done
-
-# target name, address, proxy pid (empty: none), --mtls or nothing
-targets_pt="direct:127.0.0.1:$UP:: snigress:127.0.0.1:$SN_PT:$SN_PID: haproxy:127.0.0.1:$HA_PT:$HA_PID: nginx:127.0.0.1:$NG_PT:$NG_PID: sniproxy:127.0.0.1:$SP_PT:$SP_PID:"
-targets_mtls="snigress:127.0.0.1:$SN_MTLS:$SN_PID:m haproxy:127.0.0.1:$HA_MTLS:$HA_PID:m nginx:127.0.0.1:$NG_MTLS:$NG_PID:m"
+# Starts every proxy (again), fresh: memory measurements must not inherit
+# what an earlier measurement left in a process's allocator.
+start_proxies() {
+    SNIGRESS_LOG=warn "$SNIGRESS" run --config "$work/snigress.yaml" & SN_PID=$!
+    haproxy -db -f "$work/haproxy.cfg" & HA_PID=$!
+    nginx -p "$work" -e "$work/nginx-error.log" -c "$work/nginx.conf" -g 'daemon off;' & NG_PID=$!
+    sniproxy -f -c "$work/sniproxy.conf" & SP_PID=$!
+    pids+=("$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID")
+    for p in $SN_MTLS $SN_PT $HA_MTLS $HA_PT $NG_MTLS $NG_PT $SP_PT; do wait_port "$p"; done
+    # target name, address, proxy pid (empty: none), m for mTLS
+    targets_pt="direct:127.0.0.1:$UP:: snigress:127.0.0.1:$SN_PT:$SN_PID: haproxy:127.0.0.1:$HA_PT:$HA_PID: nginx:127.0.0.1:$NG_PT:$NG_PID: sniproxy:127.0.0.1:$SP_PT:$SP_PID:"
+    targets_mtls="snigress:127.0.0.1:$SN_MTLS:$SN_PID:m haproxy:127.0.0.1:$HA_MTLS:$HA_PID:m nginx:127.0.0.1:$NG_MTLS:$NG_PID:m"
+}
+stop_proxies() {
+    kill -TERM "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" 2>/dev/null || true
+    sleep 0.2
+    kill -TERM "$SN_PID" 2>/dev/null || true # a second signal: no drain
+    wait "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" 2>/dev/null || true
+}
+start_proxies
 
 tree() { echo "$1"; for c in $(pgrep -P "$1" 2>/dev/null); do tree "$c"; done; }
 ticks() { # user+system clock ticks of a process tree
@@ -207,9 +218,14 @@ for run in $(seq "$RUNS"); do
     each mtls "$targets_mtls" latency_one
 done
 
-# Memory per idle established connection.
+# Memory per idle established connection: each count and mode measured on
+# freshly started proxies.
 for count in $IDLE_COUNTS; do
-    for t in $targets_pt $targets_mtls; do
+  for mode_targets in pt mtls; do
+    stop_proxies
+    start_proxies
+    if [ "$mode_targets" = pt ]; then list=$targets_pt; else list=$targets_mtls; fi
+    for t in $list; do
         IFS=: read -r name host port pid flag <<< "$t"
         [ -z "$pid" ] && continue
         mode=passthrough; extra=()
@@ -227,8 +243,8 @@ for count in $IDLE_COUNTS; do
         printf 'idle\t%s\t%s\t{"count":%s,"held":%s,"rss_before_kib":%s,"rss_after_kib":%s}\t0\n' \
             "$mode" "$name" "$count" "$held" "$before" "$after" >> "$results"
         echo "idle $mode $name $count: held $held, RSS $before -> $after KiB" >&2
-        sleep 2 # let the proxy close the previous batch before the next
     done
+  done
 done
 
 python3 bench/report.py "$results" "$(nproc)" "$RUNS" "$DURATION" "$CONCURRENCY" "$BULK_BYTES" "$LATENCY_RATE" > bench/results.md
