@@ -185,43 +185,25 @@ async fn a_denied_address_is_skipped_for_the_next_one() {
 async fn two_hundred_concurrent_connections() {
     let mut h = Harness::start().await;
     let h_ref = &h;
-    let runs = (0..200).map(|i| async move {
-        let payload = data(64 * 1024, i as u8);
-        let sni = if i % 2 == 0 { "a.allowed.test" } else { "b.allowed.test" };
-        let reply = if i % 2 == 0 {
-            let outer = h_ref.outer("mtls", SLEEP, &[]).await.expect("outer");
-            exchange(h_ref.inner(outer, sni).await.expect("inner"), &payload).await
-        } else {
-            let tcp = TcpStream::connect(h_ref.addr("passthrough")).await.expect("connect");
-            exchange(h_ref.inner(tcp, sni).await.expect("inner"), &payload).await
-        };
-        reply.expect("exchange") == echoed(&payload, sni)
+    let runs = (0..200).map(|i| {
+        Box::pin(async move {
+            let payload = data(64 * 1024, i as u8);
+            let sni = if i % 2 == 0 { "a.allowed.test" } else { "b.allowed.test" };
+            let reply = if i % 2 == 0 {
+                let outer = h_ref.outer("mtls", SLEEP, &[]).await.expect("outer");
+                exchange(h_ref.inner(outer, sni).await.expect("inner"), &payload).await
+            } else {
+                let tcp = TcpStream::connect(h_ref.addr("passthrough")).await.expect("connect");
+                exchange(h_ref.inner(tcp, sni).await.expect("inner"), &payload).await
+            };
+            reply.expect("exchange") == echoed(&payload, sni)
+        })
     });
-    let results = within("200 connections", futures_join_all(runs)).await;
+    let results = within("200 connections", join_all(runs.collect())).await;
     assert_eq!(results.iter().filter(|ok| **ok).count(), 200);
     for _ in 0..200 {
         assert_eq!(h.record().await.decision, "allowed");
     }
-}
-
-/// Runs futures concurrently on this task and collects their outputs.
-async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set: Vec<_> = futures.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in set.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().map(|v| v.expect("completed")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

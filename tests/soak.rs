@@ -246,22 +246,3 @@ async fn thousands_of_connections_with_faults() {
     println!("soak: open fds {baseline_fds} -> {fds}; RSS grew {} MiB", grown >> 20);
     assert!(grown < 256 << 20, "RSS grew {} MiB", grown >> 20);
 }
-
-async fn join_all<F: std::future::Future>(futures: Vec<std::pin::Pin<Box<F>>>) -> Vec<F::Output> {
-    let mut set = futures;
-    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in set.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().map(|v| v.expect("completed")).collect()
-}
