@@ -267,7 +267,7 @@ impl Stage<'_> {
         // Inner ClientHello.
         let (buf, hello) = match Box::pin(read_hello(&mut client, state, transfer)).await {
             Ok(found) => found,
-            Err(HelloFailure { outcome, alert: Some(a) }) => return refuse(client, a, outcome).await,
+            Err(HelloFailure { outcome, alert: Some(a) }) => return Box::pin(refuse(client, a, outcome)).await,
             Err(HelloFailure { outcome, alert: None }) => return outcome,
         };
         facts.ech = hello.ech;
@@ -277,14 +277,14 @@ impl Stage<'_> {
         let name = match hello.server_name.as_deref() {
             None => {
                 let outcome = Outcome::refused("no_sni", "the ClientHello has no server_name");
-                return refuse(client, alert::UNRECOGNIZED_NAME, outcome).await;
+                return Box::pin(refuse(client, alert::UNRECOGNIZED_NAME, outcome)).await;
             }
             Some(raw) => match ServerName::from_bytes(raw) {
                 Ok(name) => name,
                 Err(e) => {
                     facts.sni = Some(printable(raw));
                     let outcome = Outcome::refused("invalid_sni", e.to_string());
-                    return refuse(client, alert::UNRECOGNIZED_NAME, outcome).await;
+                    return Box::pin(refuse(client, alert::UNRECOGNIZED_NAME, outcome)).await;
                 }
             },
         };
@@ -302,18 +302,18 @@ impl Stage<'_> {
             Decision::Denied(m) => {
                 facts.matched_rule = Some(m.label());
                 let outcome = Outcome::refused("policy_denied", format!("deny pattern {} matched", m.label()));
-                return refuse(client, alert::ACCESS_DENIED, outcome).await;
+                return Box::pin(refuse(client, alert::ACCESS_DENIED, outcome)).await;
             }
             Decision::NotAllowed => {
                 let outcome = Outcome::refused("policy_denied", "no allow pattern matched");
-                return refuse(client, alert::ACCESS_DENIED, outcome).await;
+                return Box::pin(refuse(client, alert::ACCESS_DENIED, outcome)).await;
             }
         }
         // The SNI of a hello with ECH is the public name of the ECH
         // provider, not the real destination.
         if hello.ech && state.refuse_ech {
             let outcome = Outcome::refused("ech_refused", "encrypted_client_hello present and policy.refuse_ech is on");
-            return refuse(client, alert::ACCESS_DENIED, outcome).await;
+            return Box::pin(refuse(client, alert::ACCESS_DENIED, outcome)).await;
         }
 
         // Resolve and vet.
@@ -338,7 +338,7 @@ impl Stage<'_> {
                 };
                 let decision = if matches!(e, ResolveError::AllRefused(_)) { "denied" } else { "error" };
                 let outcome = Outcome { decision, reason: e.reason(), termination, detail: Some(e.to_string()) };
-                return refuse(client, alert, outcome).await;
+                return Box::pin(refuse(client, alert, outcome)).await;
             }
         };
         if !resolved.refused.is_empty() {
@@ -358,7 +358,7 @@ impl Stage<'_> {
                 facts.upstream_addr = resolved.addrs.last().map(|ip| SocketAddr::new(*ip, listener.upstream_port));
                 let termination = if e.all_timed_out { "connect_timeout" } else { "refused" };
                 let outcome = Outcome::error(e.reason(), termination, e.to_string());
-                return refuse(client, alert::INTERNAL_ERROR, outcome).await;
+                return Box::pin(refuse(client, alert::INTERNAL_ERROR, outcome)).await;
             }
         };
         facts.upstream_addr = Some(addr);
@@ -368,7 +368,7 @@ impl Stage<'_> {
         // Everything read so far is replayed: the hello and whatever followed it.
         let idle = state.timeouts.idle;
         let termination = match client.plain_tcp() {
-            Some(tcp) => crate::zerocopy::splice_tcp(tcp, &upstream, buf, idle, transfer).await,
+            Some(tcp) => Box::pin(crate::zerocopy::splice_tcp(tcp, &upstream, buf, idle, transfer)).await,
             None => splice(&mut client, &mut upstream, buf, idle, transfer).await,
         };
         Outcome { decision: "allowed", reason: "allowed", termination: termination.as_str(), detail: None }
@@ -442,7 +442,9 @@ where
 
 /// Sends a fatal alert on the inner layer, closes our side (close_notify on
 /// the outer TLS layer, FIN on TCP) and lingers briefly so the alert is read
-/// before the socket goes away instead of being lost to a reset.
+/// before the socket goes away instead of being lost to a reset. Callers box
+/// it: it holds the stream and a drain buffer, and would otherwise widen the
+/// state of every connection that is allowed.
 async fn refuse<S>(mut client: S, description: u8, outcome: Outcome) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
