@@ -182,7 +182,7 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             source_name: path.display().to_string(),
             pos: None,
-            message: format!("cannot read the config file: {e}"),
+            message: format!("cannot read the config file {}: {e}", path.display()),
             snippet: String::new(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -191,6 +191,16 @@ impl Config {
 
     /// Validates config text; relative paths are taken from `base`.
     pub fn parse(text: &str, source_name: &str, base: &Path) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() {
+            return Err(ConfigError {
+                source_name: source_name.to_owned(),
+                pos: None,
+                message:
+                    "the config is empty: it needs at least a `listeners:` list (every key is in config/snigress.yaml)"
+                        .into(),
+                snippet: String::new(),
+            });
+        }
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| {
             let pos = e.location().map(|l| Pos { line: l.line(), column: l.column() }).filter(|p| p.line > 0);
             let rendered = e.render_with_options(serde_saphyr::render_options! { source_name: Some(source_name) });
