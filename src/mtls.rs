@@ -148,7 +148,7 @@ pub fn spiffe_id(der: &[u8]) -> Result<Principal, IdentityError> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Unparsable)?;
     let san = cert.subject_alternative_name().map_err(|_| IdentityError::Unparsable)?;
     let mut uris = san.iter().flat_map(|ext| ext.value.general_names.iter()).filter_map(|name| match name {
-        GeneralName::URI(uri) if uri.len() >= 9 && uri[..9].eq_ignore_ascii_case("spiffe://") => Some(*uri),
+        GeneralName::URI(uri) if uri.get(..9).is_some_and(|p| p.eq_ignore_ascii_case("spiffe://")) => Some(*uri),
         _ => None,
     });
     let uri = uris.next().ok_or(IdentityError::NoSpiffeId)?;
