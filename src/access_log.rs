@@ -68,6 +68,10 @@ pub struct JsonLines {
 pub const BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 /// Records that wake the writer before the interval is up.
 pub const BATCH_SIZE: usize = 1024;
+/// Most records waiting to be written; if the output stalls (a blocked
+/// stdout pipe), newer records are dropped and counted instead of growing
+/// memory without bound.
+pub const MAX_QUEUED: usize = 100_000;
 
 struct Shared {
     queue: Mutex<Queue>,
@@ -80,6 +84,8 @@ struct Shared {
 #[derive(Default)]
 struct Queue {
     records: Vec<Record>,
+    /// Records dropped because the queue was full, not yet reported.
+    dropped: u64,
     /// Flushes asked for, and the last one completed.
     flush_asked: u64,
     flush_done: u64,
@@ -133,6 +139,10 @@ fn write_loop(shared: &Shared, out: Box<dyn Write + Send>) {
                 })
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             std::mem::swap(&mut batch, &mut queue.records);
+            if queue.dropped > 0 {
+                tracing::error!(dropped = queue.dropped, "access log output stalled: records dropped");
+                queue.dropped = 0;
+            }
             queue.flush_asked
         };
         for record in batch.drain(..) {
@@ -154,6 +164,10 @@ fn write_loop(shared: &Shared, out: Box<dyn Write + Send>) {
 impl Sink for JsonLines {
     fn emit(&self, record: Record) {
         let mut queue = self.shared.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if queue.records.len() >= MAX_QUEUED {
+            queue.dropped += 1;
+            return;
+        }
         queue.records.push(record);
         if queue.records.len() == BATCH_SIZE {
             self.shared.wake.notify_one();

@@ -676,17 +676,22 @@ impl<'de> Deserialize<'de> for PrincipalField {
 #[derive(Clone, Copy)]
 struct Dur(Duration);
 
+/// Longest duration any setting accepts: far beyond any sensible timeout,
+/// and small enough that `Instant + duration` can never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let split = s.find(|c: char| !c.is_ascii_digit())?;
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().ok()?;
-    match unit {
+    let d = match unit {
         "ms" => Some(Duration::from_millis(n)),
         "s" => Some(Duration::from_secs(n)),
         "m" => n.checked_mul(60).map(Duration::from_secs),
         "h" => n.checked_mul(3600).map(Duration::from_secs),
         _ => None,
-    }
+    };
+    d.filter(|d| *d <= MAX_DURATION)
 }
 
 impl<'de> Deserialize<'de> for Dur {
@@ -698,17 +703,20 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str("a duration such as 250ms, 10s, 5m or 1h")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
-                Ok(Dur(Duration::from_secs(v)))
+                let d = Duration::from_secs(v);
+                if d > MAX_DURATION {
+                    return Err(E::custom("a duration may be at most 366 days"));
+                }
+                Ok(Dur(d))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
-                u64::try_from(v)
-                    .map(|v| Dur(Duration::from_secs(v)))
-                    .map_err(|_| E::custom("a duration cannot be negative"))
+                let v = u64::try_from(v).map_err(|_| E::custom("a duration cannot be negative"))?;
+                self.visit_u64(v)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
                 parse_duration(v).map(Dur).ok_or_else(|| {
                     E::custom(format!(
-                        "invalid duration {v:?}: expected a number with a unit, as in 250ms, 10s, 5m or 1h"
+                        "invalid duration {v:?}: expected a number with a unit, as in 250ms, 10s, 5m or 1h (at most 366 days)"
                     ))
                 })
             }
@@ -1189,7 +1197,8 @@ access_log: {path: access.log}
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        for bad in ["", "s", "10", "10x", "-1s", "1.5s", "99999999999999999999s", "18446744073709551615h"] {
+        assert_eq!(parse_duration("8784h"), Some(MAX_DURATION));
+        for bad in ["", "s", "10", "10x", "-1s", "1.5s", "99999999999999999999s", "18446744073709551615h", "8785h"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }

@@ -27,11 +27,15 @@ impl ConnectError {
     }
 }
 
-/// Connects to the first address that accepts.
+/// Most addresses tried for one connection: a DNS answer with dozens of
+/// unreachable addresses must not keep a client waiting for minutes.
+pub const MAX_ATTEMPTS: usize = 8;
+
+/// Connects to the first address that accepts (of the first `MAX_ATTEMPTS`).
 pub async fn connect(addrs: &[IpAddr], port: u16, timeout: Duration) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let mut attempts = Vec::new();
     let mut all_timed_out = !addrs.is_empty();
-    for ip in addrs {
+    for ip in addrs.iter().take(MAX_ATTEMPTS) {
         let addr = SocketAddr::new(*ip, port);
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {

@@ -179,10 +179,6 @@ impl Gateway {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.metrics.clone()
-    }
-
     /// Reloads `path` into this gateway on demand (SIGHUP) or on file change.
     pub fn reloader(&self, path: PathBuf) -> Arc<Reloader> {
         Arc::new(Reloader::new(path, self.config.clone(), self.state.clone(), self.metrics.clone()))

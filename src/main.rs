@@ -255,6 +255,7 @@ async fn serve(path: &Path, config: Config) -> Result<(), Failure> {
             let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
         }
     });
+    let on_exit = sink.clone();
     let stop = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: draining"),
@@ -267,6 +268,7 @@ async fn serve(path: &Path, config: Config) -> Result<(), Failure> {
                 _ = int.recv() => {}
             }
             tracing::warn!("second signal: exiting now without draining");
+            on_exit.flush(std::time::Duration::from_secs(1));
             std::process::exit(0);
         });
     };

@@ -29,6 +29,8 @@ use crate::metrics::Metrics;
 /// Quiet time after the last file event before reloading: Kubernetes
 /// updates a volume in several steps, an editor saves in several writes.
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
+/// Longest a burst of events may delay a reload.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
 
 /// Why a reload was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +58,7 @@ struct Running {
 
 impl Reloader {
     pub fn new(path: PathBuf, config: Config, state: Arc<ArcSwap<State>>, metrics: Arc<Metrics>) -> Reloader {
-        let inputs = fingerprint(&path, &config);
+        let inputs = fingerprint(&std::fs::read_to_string(&path).unwrap_or_default(), &config);
         Reloader { path, running: Mutex::new(Running { config, inputs }), state, metrics }
     }
 
@@ -80,8 +82,12 @@ impl Reloader {
     }
 
     fn try_reload(&self, running: &mut Running) -> Result<bool, ReloadError> {
-        let config = Config::load(&self.path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
-        let inputs = fingerprint(&self.path, &config);
+        // Read once: what is parsed is exactly what is fingerprinted.
+        let text = std::fs::read_to_string(&self.path)
+            .map_err(|e| ReloadError::Invalid(format!("cannot read the config file {}: {e}", self.path.display())))?;
+        let config = Config::parse(&text, &self.path.display().to_string(), &parent(&self.path))
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let inputs = fingerprint(&text, &config);
         if inputs == running.inputs {
             return Ok(false);
         }
@@ -141,8 +147,14 @@ impl Reloader {
         }
         Ok(tokio::spawn(async move {
             while rx.recv().await.is_some() {
-                // Debounce: wait until the directory has been quiet.
-                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+                // Debounce: wait until the directory has been quiet, but not
+                // forever (another writer in the directory may never stop).
+                let burst = tokio::time::Instant::now();
+                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                    if burst.elapsed() > MAX_DEBOUNCE {
+                        break;
+                    }
+                }
                 let me = self.clone();
                 let applied = tokio::task::spawn_blocking(move || me.reload("file change").is_ok_and(|a| a))
                     .await
@@ -178,11 +190,13 @@ fn material_files(config: &Config) -> Vec<PathBuf> {
     }
 }
 
-/// Hash of everything a reload reads. Unreadable files hash as absent (the
-/// reload then fails on them with a proper message).
-fn fingerprint(path: &Path, config: &Config) -> u64 {
+/// Hash of everything a reload reads: the config text and the certificate
+/// files it names. Unreadable files hash as absent (the reload then fails on
+/// them with a proper message).
+fn fingerprint(text: &str, config: &Config) -> u64 {
     let mut h = DefaultHasher::new();
-    for file in std::iter::once(path.to_owned()).chain(material_files(config)) {
+    text.hash(&mut h);
+    for file in material_files(config) {
         file.hash(&mut h);
         std::fs::read(&file).ok().hash(&mut h);
     }

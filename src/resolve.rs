@@ -296,7 +296,10 @@ impl Resolver {
         opts.positive_max_ttl = Some(settings.max_ttl);
         opts.negative_max_ttl = Some(settings.max_ttl);
         opts.cache_size = settings.cache_size;
-        opts.timeout = settings.timeout;
+        // Two tries per query within the overall budget: one lost UDP
+        // packet must not use it all.
+        opts.timeout = (settings.timeout / 2).max(Duration::from_millis(100));
+        opts.attempts = 2;
         // Names are absolute (see `ServerName::to_absolute`); the hosts file
         // would let `localhost`-style entries bypass the operator's DNS.
         opts.ndots = 0;

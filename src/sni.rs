@@ -23,7 +23,6 @@ use tls_parser::{
 
 /// TLS alert descriptions the gateway sends on the inner layer (RFC 8446 §6).
 pub mod alert {
-    pub const HANDSHAKE_FAILURE: u8 = 40;
     pub const ACCESS_DENIED: u8 = 49;
     pub const DECODE_ERROR: u8 = 50;
     pub const INTERNAL_ERROR: u8 = 80;

@@ -66,10 +66,6 @@ impl Transfer {
         let _ = self.live.set(counters);
     }
 
-    pub fn is_attached(&self) -> bool {
-        self.live.get().is_some()
-    }
-
     /// Bytes received from the client (the ClientHello included).
     pub fn from_client(&self) -> u64 {
         self.from_client.load(Ordering::Relaxed)

@@ -96,8 +96,11 @@ pub async fn splice_tcp(
     idle: Duration,
     transfer: &Transfer,
 ) -> Termination {
-    if write_all(upstream, &replay).await.is_err() {
-        return Termination::UpstreamError;
+    // An upstream that never opens its window must not hold this forever.
+    match tokio::time::timeout(idle, write_all(upstream, &replay)).await {
+        Err(_) => return Termination::IdleTimeout,
+        Ok(Err(_)) => return Termination::UpstreamError,
+        Ok(Ok(())) => {}
     }
     drop(replay);
     let progress =
