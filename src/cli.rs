@@ -42,7 +42,11 @@ pub enum Command {
     ///
     /// Validates the config (exit 64 on error, before any socket is bound),
     /// mints the dev PKI if `mtls.dev_pki` names an empty directory, binds
-    /// every listener and serves until SIGINT or SIGTERM.
+    /// every listener and serves until SIGINT or SIGTERM, then drains
+    /// (shutdown.grace_period, shutdown.drain_timeout; a second signal exits
+    /// at once). SIGHUP, or a change to the config or certificate files,
+    /// reloads them; an invalid new config is refused and the running one
+    /// stays in force.
     Run {
         /// The YAML config file (see config/snigress.yaml for every key).
         #[arg(long, short, value_name = "FILE")]
