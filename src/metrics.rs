@@ -508,10 +508,14 @@ impl Metrics {
         if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
             self.open_fds.set(entries.count() as i64);
         }
-        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
-            let pages = statm.split_whitespace().nth(1).and_then(|p| p.parse::<i64>().ok());
-            if let Some(pages) = pages {
-                self.resident_memory.set(pages * 4096);
+        // VmRSS is in KiB whatever the page size.
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let kib = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
+            if let Some(kib) = kib {
+                self.resident_memory.set(kib.saturating_mul(1024));
             }
         }
     }
