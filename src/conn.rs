@@ -122,10 +122,16 @@ pub async fn handle(
         }
     };
     let mut stop = env.stop.clone();
+    let drained = async {
+        // A closed channel (no gateway serving any more) is not a drain.
+        if stop.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     let ended = tokio::select! {
         outcome = stage.run(tcp, &mut facts) => Ok(outcome),
         () = lifetime => Err("max_lifetime"),
-        _ = stop.wait_for(|stop| *stop) => Err("drain_timeout"),
+        () = drained => Err("drain_timeout"),
     };
     let outcome = match ended {
         Ok(outcome) => outcome,

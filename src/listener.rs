@@ -127,7 +127,6 @@ pub struct Gateway {
     admin: Option<TcpListener>,
     /// What /readyz reports.
     ready: Arc<AtomicBool>,
-    shutdown: Shutdown,
 }
 
 impl Gateway {
@@ -165,7 +164,6 @@ impl Gateway {
             metrics,
             admin,
             ready: Arc::new(AtomicBool::new(false)),
-            shutdown: config.shutdown,
         })
     }
 
@@ -217,7 +215,7 @@ impl Gateway {
 
         self.ready.store(false, Ordering::Relaxed);
         self.metrics.draining(true);
-        let Shutdown { grace_period, drain_timeout } = self.shutdown;
+        let Shutdown { grace_period, drain_timeout } = self.config.shutdown;
         tracing::info!(
             grace_ms = grace_period.as_millis() as u64,
             drain_ms = drain_timeout.as_millis() as u64,
