@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 
 use crate::config::{Config, MtlsSource};
@@ -125,17 +126,15 @@ impl Reloader {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // Reads (ours included) are not changes.
-            let relevant = match event {
-                Ok(e) => {
-                    !matches!(e.kind, EventKind::Access(notify::event::AccessKind::Open(_)))
-                        && !matches!(
-                            e.kind,
-                            EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Read))
-                        )
-                        && !matches!(e.kind, EventKind::Access(notify::event::AccessKind::Read))
-                }
-                Err(_) => true,
-            };
+            let relevant = !matches!(
+                event,
+                Ok(notify::Event {
+                    kind: EventKind::Access(
+                        AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)
+                    ),
+                    ..
+                })
+            );
             if relevant {
                 let _ = tx.send(());
             }
