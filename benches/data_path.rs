@@ -9,11 +9,11 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use snigress::access_log::Record;
+use snigress::front::tls::testing::refragment;
+use snigress::front::tls::{HelloReader, Progress};
 use snigress::name::ServerName;
+use snigress::observe::access_log::Record;
 use snigress::policy::{Pattern, Policy, PolicySpec};
-use snigress::sni::testing::refragment;
-use snigress::sni::{HelloReader, Progress};
 
 const CLIENTS: &[&str] = &["curl", "openssl-tls12", "go", "chromium", "rustls"];
 
@@ -93,6 +93,7 @@ fn access_record(c: &mut Criterion) {
         ech: false,
         decision: "allowed",
         reason: "allowed",
+        side: None,
         matched_rule: Some("*.wikipedia.org".into()),
         upstream_addr: Some("185.15.59.224:443".parse().expect("addr")),
         bytes_from_client: 1790,

@@ -15,14 +15,14 @@ use clap::{Parser, Subcommand, ValueEnum};
         and vets the addresses, connects, and splices both ways. One JSON access record per \
         connection goes to stdout (or access_log.path); diagnostics go to stderr.\n\n\
         Exit codes: 0 success, 1 runtime failure (e.g. cannot bind), 2 bad arguments, \
-        64 invalid configuration."
+        64 invalid configuration, 130/143 when a second SIGINT/SIGTERM cut the drain short."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 
     /// Diagnostic log filter (tracing EnvFilter syntax, e.g. info or snigress=debug).
-    #[arg(long, global = true, env = "SNIGRESS_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "SNIGRESS_LOG", default_value = "info", value_parser = log_filter)]
     pub log_level: String,
 
     /// Diagnostic log format on stderr.
@@ -130,7 +130,7 @@ pub struct SidecarArgs {
     pub gateway_id: Option<String>,
     /// ALPN protocols to offer on the outer layer (repeatable); Istio's
     /// sidecar offers istio-peer-exchange and istio.
-    #[arg(long = "alpn", value_name = "PROTOCOL", default_values = ["istio-peer-exchange", "istio"])]
+    #[arg(long = "alpn", value_name = "PROTOCOL", default_values = crate::tools::sidecar::ISTIO_ALPN)]
     pub alpn: Vec<String>,
     /// Time allowed to reach the gateway and complete the outer handshake.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
@@ -138,6 +138,14 @@ pub struct SidecarArgs {
     /// Close a connection when no byte moved for this long.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
     pub idle_timeout: std::time::Duration,
+}
+
+/// A filter tracing accepts; anything else is a usage error (exit 2), not
+/// a silent `info`.
+fn log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("invalid log filter {s:?}: {e} (use e.g. info, debug or snigress=debug,warn)"))
 }
 
 fn duration(s: &str) -> Result<std::time::Duration, String> {

@@ -2,11 +2,13 @@
 //! access record every connection leaves, whatever path it takes.
 //!
 //! ```text
-//! outer mTLS (mtls listeners) -> inner ClientHello -> name -> policy
-//!   -> resolve + vet -> connect -> replay + splice
+//! arrival (outer mTLS on mtls listeners) -> front (the ClientHello's SNI)
+//!   -> Destination -> policy -> resolve + vet -> connect -> replay + relay
 //! ```
-//! Any stage may end the connection; a refusal on the inner layer sends a
-//! fatal TLS alert first, so the client sees why.
+//! Any stage may end the connection with a [`ConnError`]; there is one
+//! refusal exit, which sends the error's TLS alert when the client speaks
+//! TLS. The record is kept by a [`Recorder`] that emits it exactly once: at
+//! the end, or, if the task panics, while it unwinds.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,48 +16,27 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
-use crate::access_log::{Record, printable, rfc3339};
-use crate::config::{Limits, Mode, Timeouts};
-use crate::connect::connect;
+use crate::arrive::ClientStream;
+use crate::config::Mode;
+use crate::connect::{Budget, connect};
+use crate::destination::Destination;
+use crate::error::{ConnError, Decision, Termination, alert_name};
+use crate::front::tls::{self, alert};
 use crate::identity::Principal;
-use crate::metrics::{ConnectionKey, DnsResult, INVALID, Metrics};
-use crate::mtls::Outer;
 use crate::name::ServerName;
-use crate::policy::{Decision, Policy};
-use crate::resolve::{ResolveError, Resolver};
-use crate::sni::{HelloReader, Progress, alert};
-use crate::splice::{Transfer, splice};
+use crate::observe::access_log::{Record, printable, rfc3339};
+use crate::observe::metrics::{ActiveGuard, ConnectResult, ConnectionKey, DnsResult, INVALID, Metrics};
+use crate::policy::Decision as Verdict;
+use crate::relay::{Transfer, copy, splice};
+use crate::resolve::ResolveError;
+use crate::state::{Process, Snapshot};
 
 /// Bounds the wait for a refused client to take its alert: the alert is a
 /// few bytes, so only a client that stopped reading takes this long.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// Most bytes read and discarded from a refused client while lingering.
 const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
-/// Read size while collecting the ClientHello.
-const HELLO_READ_CHUNK: usize = 4096;
-
-/// Everything a new connection needs, built from one config; replaced as a
-/// whole when the config changes, so a connection sees one consistent set.
-pub struct State {
-    pub policy: Policy,
-    pub resolver: Resolver,
-    /// The outer layer, when any listener is in mtls mode.
-    pub outer: Option<Outer>,
-    pub timeouts: Timeouts,
-    pub limits: Limits,
-    /// Refuse inner hellos carrying encrypted_client_hello.
-    pub refuse_ech: bool,
-}
-
-/// What outlives config reloads: metrics, and the signal that the drain
-/// deadline has passed and connections still open must end.
-#[derive(Clone)]
-pub struct Env {
-    pub metrics: Arc<Metrics>,
-    pub stop: watch::Receiver<bool>,
-}
 
 /// The listener a connection arrived on.
 #[derive(Debug, Clone)]
@@ -65,25 +46,8 @@ pub struct ListenerInfo {
     pub upstream_port: u16,
 }
 
-/// The end of a connection: decision, reason, how it ended.
-struct Outcome {
-    decision: &'static str,
-    reason: &'static str,
-    termination: &'static str,
-    detail: Option<String>,
-}
-
-impl Outcome {
-    fn refused(reason: &'static str, detail: impl Into<String>) -> Outcome {
-        Outcome { decision: "denied", reason, termination: "refused", detail: Some(detail.into()) }
-    }
-
-    fn error(reason: &'static str, termination: &'static str, detail: impl Into<String>) -> Outcome {
-        Outcome { decision: "error", reason, termination, detail: Some(detail.into()) }
-    }
-}
-
-/// What has been learned about the connection so far.
+/// What has been learned about the connection so far: its record in the
+/// making.
 #[derive(Default)]
 struct Facts {
     principal: Option<Principal>,
@@ -94,369 +58,336 @@ struct Facts {
     upstream_addr: Option<SocketAddr>,
     /// Metric labels, once the name and the decision are known.
     key: Option<ConnectionKey>,
-    /// Bytes are being spliced (the connection was allowed and connected).
-    splicing: bool,
+    /// Bytes are being relayed (the connection was allowed and connected).
+    relaying: bool,
+    /// Why it was refused, once decided; kept if a cut arrives while the
+    /// refusal lingers.
+    refusal: Option<ConnError>,
 }
 
-/// Runs one accepted connection to its end and returns its access record.
-pub async fn handle(
+impl Facts {
+    /// Records the refusal; returns how the connection ends.
+    fn refuse(&mut self, e: ConnError) -> Termination {
+        let termination = e.termination();
+        self.refusal = Some(e);
+        termination
+    }
+}
+
+/// Runs one accepted connection to its end and emits its access record.
+pub(crate) async fn handle(
     tcp: TcpStream,
     client_addr: SocketAddr,
-    listener: &ListenerInfo,
-    state: Arc<State>,
-    env: &Env,
-) -> Record {
-    let started = (SystemTime::now(), Instant::now());
-    let metrics = &*env.metrics;
-    let _active = metrics.open(&listener.name);
-    let transfer = Transfer::default();
-    let mut facts = Facts::default();
-    let stage = Stage { listener, state: &state, metrics, transfer: &transfer };
-
+    listener: Arc<ListenerInfo>,
+    snapshot: Arc<Snapshot>,
+    process: Process,
+) {
+    let mut recorder = Recorder::start(client_addr, listener, &process);
+    let pipeline = Pipeline {
+        listener: &recorder.listener,
+        snapshot: &snapshot,
+        metrics: &process.metrics,
+        transfer: &recorder.transfer,
+    };
     // The stages run until they end by themselves, or are cut short by the
     // connection's maximum lifetime or the end of a drain.
     let lifetime = async {
-        match state.timeouts.max_lifetime {
+        match snapshot.timeouts.max_lifetime {
             Some(limit) => tokio::time::sleep(limit).await,
             None => std::future::pending().await,
         }
     };
-    let mut stop = env.stop.clone();
-    let drained = async {
-        // A closed channel (no gateway serving any more) is not a drain.
-        if stop.wait_for(|stop| *stop).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
     let ended = tokio::select! {
-        outcome = stage.run(tcp, &mut facts) => Ok(outcome),
-        () = lifetime => Err("max_lifetime"),
-        () = drained => Err("drain_timeout"),
+        termination = pipeline.run(tcp, &mut recorder.facts) => Ok(termination),
+        () = lifetime => Err(ConnError::MaxLifetime),
+        () = process.cut.cancelled() => Err(ConnError::Shutdown),
     };
-    let outcome = match ended {
-        Ok(outcome) => outcome,
-        Err(cut) if facts.splicing => {
-            Outcome { decision: "allowed", reason: "allowed", termination: cut, detail: None }
-        }
-        Err(cut) => Outcome::error("shutdown", cut, "ended before its data path was set up"),
-    };
+    let termination = ended.unwrap_or_else(|by| cut(&mut recorder.facts, by));
+    recorder.finish(termination);
+}
 
-    // Connections that ended before their name was judged are counted now.
-    let key = match facts.key.take() {
-        Some(key) => key,
-        None => {
-            let sni = facts.sni.as_ref().map(|_| INVALID);
-            let key = metrics.key(sni, facts.principal.as_ref(), false);
-            transfer.attach(metrics.bytes(&key));
-            key
-        }
-    };
-    metrics.finished(&listener.name, &key, outcome.decision, outcome.reason, started.1.elapsed());
-    record(started, client_addr, listener, facts, outcome, &transfer)
+/// A cut: relayed and refused connections keep their decision, the cut is
+/// how they ended; a connection still being set up ends with `cut`.
+fn cut(facts: &mut Facts, cut: ConnError) -> Termination {
+    let termination = cut.termination();
+    if !facts.relaying && facts.refusal.is_none() {
+        facts.refusal = Some(cut);
+    }
+    termination
 }
 
 /// The record for a connection refused before its task started (the
-/// connection limit).
-pub fn refused_at_accept(
-    client_addr: SocketAddr,
-    listener: &ListenerInfo,
-    reason: &'static str,
-    detail: &str,
-    metrics: &Metrics,
-) -> Record {
-    let started = (SystemTime::now(), Instant::now());
-    let outcome = Outcome::refused(reason, detail);
-    let key = metrics.key(None, None, false);
-    metrics.finished(&listener.name, &key, outcome.decision, outcome.reason, Duration::ZERO);
-    record(started, client_addr, listener, Facts::default(), outcome, &Transfer::default())
+/// connection limits).
+pub(crate) fn refused_at_accept(client_addr: SocketAddr, listener: Arc<ListenerInfo>, e: ConnError, process: &Process) {
+    let mut recorder = Recorder::start(client_addr, listener, process);
+    let termination = recorder.facts.refuse(e);
+    recorder.finish(termination);
 }
 
-fn record(
-    (start, t0): (SystemTime, Instant),
+/// Keeps a connection's facts and emits its record exactly once: by
+/// [`Recorder::finish`], or on drop (a panicking task) as an internal error.
+struct Recorder {
+    started: (SystemTime, Instant),
     client_addr: SocketAddr,
-    listener: &ListenerInfo,
+    listener: Arc<ListenerInfo>,
+    process: Process,
     facts: Facts,
-    outcome: Outcome,
-    transfer: &Transfer,
-) -> Record {
-    let principal = facts.principal.as_ref();
-    Record {
-        start_time: rfc3339(start),
-        duration_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-        listener: listener.name.to_string(),
-        mode: listener.mode.as_str(),
-        client_addr,
-        outer_sni: facts.outer_sni,
-        principal: principal.map(|p| p.uri().to_owned()),
-        namespace: principal.and_then(|p| p.namespace()).map(str::to_owned),
-        service_account: principal.and_then(|p| p.service_account()).map(str::to_owned),
-        sni: facts.sni,
-        ech: facts.ech,
-        decision: outcome.decision,
-        reason: outcome.reason,
-        matched_rule: facts.matched_rule,
-        upstream_addr: facts.upstream_addr,
-        bytes_from_client: transfer.from_client(),
-        bytes_to_client: transfer.to_client(),
-        termination: outcome.termination,
-        detail: outcome.detail,
+    transfer: Transfer,
+    /// Counts the connection as active while the record is open.
+    active: Option<ActiveGuard>,
+    emitted: bool,
+}
+
+impl Recorder {
+    fn start(client_addr: SocketAddr, listener: Arc<ListenerInfo>, process: &Process) -> Recorder {
+        Recorder {
+            started: (SystemTime::now(), Instant::now()),
+            client_addr,
+            active: Some(process.metrics.open(&listener.name)),
+            listener,
+            process: process.clone(),
+            facts: Facts::default(),
+            transfer: Transfer::default(),
+            emitted: false,
+        }
+    }
+
+    /// Counts the connection and hands its record to the sink.
+    fn finish(&mut self, termination: Termination) {
+        if std::mem::replace(&mut self.emitted, true) {
+            return;
+        }
+        let metrics = &*self.process.metrics;
+        let facts = &mut self.facts;
+        // Connections that ended before their name was judged are counted now.
+        let key = match facts.key.take() {
+            Some(key) => key,
+            None => {
+                let sni = facts.sni.as_ref().map(|_| INVALID);
+                let key = metrics.key(sni, facts.principal.as_ref(), false);
+                self.transfer.attach(metrics.bytes(&key));
+                key
+            }
+        };
+        let (decision, reason, side, detail) = match &facts.refusal {
+            None => (Decision::Allowed, "allowed", None, None),
+            Some(e) => (e.decision(), e.reason(), Some(e.side().as_str()), Some(e.to_string())),
+        };
+        let elapsed = self.started.1.elapsed();
+        metrics.finished(&self.listener.name, &key, decision, reason, elapsed);
+        let principal = facts.principal.as_ref();
+        let record = Record {
+            start_time: rfc3339(self.started.0),
+            duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            listener: self.listener.name.to_string(),
+            mode: self.listener.mode.as_str(),
+            client_addr: self.client_addr,
+            outer_sni: facts.outer_sni.take(),
+            principal: principal.map(|p| p.uri().to_owned()),
+            namespace: principal.and_then(|p| p.namespace()).map(str::to_owned),
+            service_account: principal.and_then(|p| p.service_account()).map(str::to_owned),
+            sni: facts.sni.take(),
+            ech: facts.ech,
+            decision: decision.as_str(),
+            reason,
+            side,
+            matched_rule: facts.matched_rule.take(),
+            upstream_addr: facts.upstream_addr,
+            bytes_from_client: self.transfer.from_client(),
+            bytes_to_client: self.transfer.to_client(),
+            termination: termination.as_str(),
+            detail,
+        };
+        self.active.take();
+        self.process.sink.emit(record);
     }
 }
 
-/// The plain TCP socket of a client stream, when no TLS layer sits in
-/// between (passthrough): then bytes can move with `splice(2)`.
-trait PlainTcp {
-    fn plain_tcp(&self) -> Option<&TcpStream>;
-}
-
-impl PlainTcp for TcpStream {
-    fn plain_tcp(&self) -> Option<&TcpStream> {
-        Some(self)
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if !self.emitted {
+            self.facts.relaying = false;
+            self.facts.refusal = Some(ConnError::Internal("the connection's task ended abnormally"));
+            self.finish(Termination::Internal);
+        }
     }
 }
 
-impl PlainTcp for tokio_rustls::server::TlsStream<TcpStream> {
-    fn plain_tcp(&self) -> Option<&TcpStream> {
-        None
-    }
-}
-
-/// What the inner stages work with.
-struct Stage<'a> {
+/// What the stages of one connection work with.
+struct Pipeline<'a> {
     listener: &'a ListenerInfo,
-    state: &'a State,
+    snapshot: &'a Snapshot,
     metrics: &'a Metrics,
     transfer: &'a Transfer,
 }
 
-impl Stage<'_> {
-    /// The whole data path for one accepted socket.
-    async fn run(&self, tcp: TcpStream, facts: &mut Facts) -> Outcome {
+impl Pipeline<'_> {
+    /// The whole data path for one accepted socket: the arrival, then the
+    /// front and what follows on the client's stream.
+    async fn run(&self, tcp: TcpStream, facts: &mut Facts) -> Termination {
         // Each path is boxed on its own: a connection's task then holds only
         // the state of its own kind (a passthrough connection does not pay
-        // for the size of the TLS stream), and setup state is freed before a
-        // connection idles for hours.
+        // for the size of the TLS stream).
         match self.listener.mode {
-            Mode::Passthrough => Box::pin(self.inner(tcp, facts)).await,
-            Mode::Mtls => Box::pin(self.mtls(tcp, facts)).await,
+            Mode::Passthrough => Box::pin(self.serve(tcp, facts)).await,
+            Mode::Mtls => match Box::pin(self.arrive_mesh(tcp, facts)).await {
+                Ok(client) => Box::pin(self.serve(client, facts)).await,
+                // The outer layer told the client already (or it has gone).
+                Err(e) => facts.refuse(e),
+            },
         }
     }
 
-    /// The outer mTLS layer, then the inner stages on the decrypted stream.
-    async fn mtls(&self, tcp: TcpStream, facts: &mut Facts) -> Outcome {
-        let Some(outer) = self.state.outer.as_ref() else {
-            return Outcome::error("internal_error", "refused", "mtls listener without outer TLS settings");
-        };
-        match Box::pin(outer.accept(tcp)).await {
-            Ok((tls, peer)) => {
+    /// The outer mTLS layer: the caller's identity and the decrypted stream.
+    async fn arrive_mesh(
+        &self,
+        tcp: TcpStream,
+        facts: &mut Facts,
+    ) -> Result<crate::arrive::mtls::MeshStream, ConnError> {
+        let mesh =
+            self.snapshot.mesh.as_ref().ok_or(ConnError::Internal("mtls listener without outer TLS settings"))?;
+        match mesh.accept(tcp).await {
+            Ok((stream, peer)) => {
                 facts.principal = Some(peer.principal);
                 facts.outer_sni = peer.outer_sni;
-                Box::pin(self.inner(tls, facts)).await
+                Ok(stream)
             }
             Err(e) => {
                 self.metrics.handshake_failed(&self.listener.name, e.reason());
-                let termination =
-                    if e.reason() == "outer_handshake_timeout" { "handshake_timeout" } else { "handshake_failed" };
-                Outcome { decision: "denied", reason: e.reason(), termination, detail: Some(e.to_string()) }
+                Err(e.into())
             }
         }
     }
 
-    /// The inner stages, on the decrypted stream (mtls) or the raw socket
-    /// (passthrough).
-    async fn inner<S>(&self, mut client: S, facts: &mut Facts) -> Outcome
-    where
-        S: AsyncRead + AsyncWrite + Unpin + PlainTcp,
-    {
-        let Stage { listener, state, metrics, transfer } = *self;
-
-        // Inner ClientHello.
-        let (buf, hello) = match Box::pin(read_hello(&mut client, state, transfer)).await {
-            Ok(found) => found,
-            Err(HelloFailure { outcome, alert: Some(a) }) => return Box::pin(refuse(client, a, outcome)).await,
-            Err(HelloFailure { outcome, alert: None }) => return outcome,
-        };
-        facts.ech = hello.ech;
-        metrics.hello(&listener.name, hello.len);
-
-        // Name.
-        let name = match hello.server_name.as_deref() {
-            None => {
-                let outcome = Outcome::refused("no_sni", "the ClientHello has no server_name");
-                return Box::pin(refuse(client, alert::UNRECOGNIZED_NAME, outcome)).await;
+    /// The front and the way to the target on the client's stream, then the
+    /// relay; the one exit for every refusal.
+    async fn serve<S: ClientStream>(&self, mut client: S, facts: &mut Facts) -> Termination {
+        // Boxed: the setup state is freed before a connection relays for hours.
+        match Box::pin(self.setup(&mut client, facts)).await {
+            Ok((mut upstream, replay)) => {
+                facts.relaying = true;
+                let idle = self.snapshot.timeouts.idle;
+                let ended = match client.plain_tcp() {
+                    Some(tcp) => Box::pin(splice::splice(tcp, &upstream, replay, idle, self.transfer)).await,
+                    None => copy::copy(&mut client, &mut upstream, replay, idle, self.transfer).await,
+                };
+                ended.into()
             }
-            Some(raw) => match ServerName::from_bytes(raw) {
-                Ok(name) => name,
-                Err(e) => {
-                    facts.sni = Some(printable(raw));
-                    let outcome = Outcome::refused("invalid_sni", e.to_string());
-                    return Box::pin(refuse(client, alert::UNRECOGNIZED_NAME, outcome)).await;
+            Err(e) => {
+                let alert = e.alert();
+                let termination = facts.refuse(e);
+                if let Some(description) = alert {
+                    self.metrics.alert_sent(alert_name(description));
+                    Box::pin(refuse(client, description, self.transfer)).await;
                 }
-            },
-        };
-        facts.sni = Some(name.to_string());
+                termination
+            }
+        }
+    }
 
-        // Policy. From here on the connection's bytes are counted under its
-        // name, live.
-        let decision = state.policy.decide(&name, facts.principal.as_ref());
-        let allowed = matches!(decision, Decision::Allowed(_));
-        let key = metrics.key(Some(name.as_str()), facts.principal.as_ref(), allowed);
-        transfer.attach(metrics.bytes(&key));
+    /// Everything before the first relayed byte: the hello, the destination,
+    /// the policy, resolution and the upstream connection. Returns the
+    /// upstream and every byte read from the client, to replay.
+    async fn setup<S: ClientStream>(
+        &self,
+        client: &mut S,
+        facts: &mut Facts,
+    ) -> Result<(TcpStream, Vec<u8>), ConnError> {
+        let Snapshot { timeouts, limits, .. } = self.snapshot;
+        let mut read = Vec::new();
+        let hello = tls::read(client, &mut read, limits.client_hello_bytes, timeouts.client_hello).await;
+        self.transfer.add_from_client(read.len());
+        let hello = hello?;
+        facts.ech = hello.ech;
+        self.metrics.hello(&self.listener.name, hello.len);
+
+        let raw = hello.server_name.as_deref().ok_or(ConnError::NoSni)?;
+        let name = ServerName::from_bytes(raw).inspect_err(|_| facts.sni = Some(printable(raw)))?;
+        facts.sni = Some(name.to_string());
+        let destination = Destination { name, port: self.listener.upstream_port, identity: facts.principal.clone() };
+
+        self.authorize(&destination, hello.ech, facts)?;
+        let addrs = self.resolve(&destination.name).await?;
+        let upstream = self.connect(&addrs, destination.port, facts).await?;
+        Ok((upstream, read))
+    }
+
+    /// Policy: whether this caller may reach this name. From here on the
+    /// connection's bytes are counted under its name, live.
+    fn authorize(&self, destination: &Destination, ech: bool, facts: &mut Facts) -> Result<(), ConnError> {
+        let Destination { name, identity, .. } = destination;
+        let verdict = self.snapshot.policy.decide(name, identity.as_ref());
+        let key = self.metrics.key(Some(name.as_str()), identity.as_ref(), matches!(verdict, Verdict::Allowed(_)));
+        self.transfer.attach(self.metrics.bytes(&key));
         facts.key = Some(key);
-        match decision {
-            Decision::Allowed(m) => facts.matched_rule = Some(m.label()),
-            Decision::Denied(m) => {
+        match verdict {
+            Verdict::Allowed(m) => facts.matched_rule = Some(m.label()),
+            Verdict::Denied(m) => {
                 facts.matched_rule = Some(m.label());
-                let outcome = Outcome::refused("policy_denied", format!("deny pattern {} matched", m.label()));
-                return Box::pin(refuse(client, alert::ACCESS_DENIED, outcome)).await;
+                return Err(ConnError::Denied(Some(m)));
             }
-            Decision::NotAllowed => {
-                let outcome = Outcome::refused("policy_denied", "no allow pattern matched");
-                return Box::pin(refuse(client, alert::ACCESS_DENIED, outcome)).await;
-            }
+            Verdict::NotAllowed => return Err(ConnError::Denied(None)),
         }
         // The SNI of a hello with ECH is the public name of the ECH
         // provider, not the real destination.
-        if hello.ech && state.refuse_ech {
-            let outcome = Outcome::refused("ech_refused", "encrypted_client_hello present and policy.refuse_ech is on");
-            return Box::pin(refuse(client, alert::ACCESS_DENIED, outcome)).await;
+        if ech && self.snapshot.refuse_ech {
+            return Err(ConnError::Ech);
         }
+        Ok(())
+    }
 
-        // Resolve and vet.
+    /// Resolution and vetting: the addresses that may be dialled.
+    async fn resolve(&self, name: &ServerName) -> Result<Vec<std::net::IpAddr>, ConnError> {
         let asked = Instant::now();
-        let resolved = Box::pin(state.resolver.resolve(&name)).await;
-        let dns_result = match &resolved {
+        let resolved = self.snapshot.resolver.resolve(name).await;
+        let result = match &resolved {
             Ok(_) | Err(ResolveError::AllRefused(_)) => DnsResult::Ok,
             Err(ResolveError::NxDomain) => DnsResult::NxDomain,
             Err(ResolveError::NoAddresses) => DnsResult::NoAddresses,
             Err(ResolveError::Timeout) => DnsResult::Timeout,
             Err(ResolveError::Failed(_)) => DnsResult::Error,
         };
-        metrics.dns(dns_result, resolved.as_ref().is_ok_and(|r| r.cached), asked.elapsed());
-        let resolved = match resolved {
-            Ok(r) => r,
-            Err(e) => {
-                let (alert, termination) = match &e {
-                    ResolveError::AllRefused(_) => (alert::ACCESS_DENIED, "refused"),
-                    ResolveError::NxDomain | ResolveError::NoAddresses => (alert::UNRECOGNIZED_NAME, "refused"),
-                    ResolveError::Timeout => (alert::INTERNAL_ERROR, "dns_timeout"),
-                    ResolveError::Failed(_) => (alert::INTERNAL_ERROR, "refused"),
-                };
-                let decision = if matches!(e, ResolveError::AllRefused(_)) { "denied" } else { "error" };
-                let outcome = Outcome { decision, reason: e.reason(), termination, detail: Some(e.to_string()) };
-                return Box::pin(refuse(client, alert, outcome)).await;
-            }
-        };
-        if !resolved.refused.is_empty() {
-            tracing::info!(sni = %name, refused = ?resolved.refused, "some addresses refused by vetting");
+        self.metrics.dns(result, resolved.as_ref().is_ok_and(|r| r.cached), asked.elapsed());
+        let resolved = resolved?;
+        if !resolved.refused.is_empty() && !resolved.cached {
+            tracing::debug!(sni = %name, refused = ?resolved.refused, "some addresses refused by vetting");
         }
-
-        // Connect.
-        let dialled = Instant::now();
-        let connected = Box::pin(connect(&resolved.addrs, listener.upstream_port, state.timeouts.connect)).await;
-        let (mut upstream, addr) = match connected {
-            Ok(found) => {
-                metrics.connect("ok", dialled.elapsed());
-                found
-            }
-            Err(e) => {
-                metrics.connect(if e.all_timed_out { "timeout" } else { "failed" }, dialled.elapsed());
-                facts.upstream_addr = resolved.addrs.last().map(|ip| SocketAddr::new(*ip, listener.upstream_port));
-                let termination = if e.all_timed_out { "connect_timeout" } else { "refused" };
-                let outcome = Outcome::error(e.reason(), termination, e.to_string());
-                return Box::pin(refuse(client, alert::INTERNAL_ERROR, outcome)).await;
-            }
-        };
-        facts.upstream_addr = Some(addr);
-        facts.splicing = true;
-
-        // Replay and splice.
-        // Everything read so far is replayed: the hello and whatever followed it.
-        let idle = state.timeouts.idle;
-        let termination = match client.plain_tcp() {
-            Some(tcp) => Box::pin(crate::zerocopy::splice_tcp(tcp, &upstream, buf, idle, transfer)).await,
-            None => splice(&mut client, &mut upstream, buf, idle, transfer).await,
-        };
-        Outcome { decision: "allowed", reason: "allowed", termination: termination.as_str(), detail: None }
+        Ok(resolved.addrs)
     }
-}
 
-struct HelloFailure {
-    outcome: Outcome,
-    /// The alert to send, when the peer speaks TLS at all.
-    alert: Option<u8>,
-}
-
-/// Reads until the ClientHello is complete; returns every byte read.
-async fn read_hello<S>(
-    client: &mut S,
-    state: &State,
-    transfer: &Transfer,
-) -> Result<(Vec<u8>, crate::sni::Hello), HelloFailure>
-where
-    S: AsyncRead + Unpin,
-{
-    let cap = state.limits.client_hello_bytes;
-    let timeout = state.timeouts.client_hello;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut reader = HelloReader::new(cap);
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        match reader.advance(&buf) {
-            Ok(Progress::Complete(hello)) => return Ok((buf, hello)),
-            Ok(Progress::NeedMore) if buf.len() < cap => {}
-            Ok(Progress::NeedMore) => {
-                let e = crate::sni::HelloError::TooLarge(cap);
-                return Err(HelloFailure {
-                    outcome: Outcome::refused(e.reason(), e.to_string()),
-                    alert: Some(alert::DECODE_ERROR),
-                });
+    /// The upstream connection, within the connect budget.
+    async fn connect(&self, addrs: &[std::net::IpAddr], port: u16, facts: &mut Facts) -> Result<TcpStream, ConnError> {
+        let timeouts = &self.snapshot.timeouts;
+        let budget = Budget { per_attempt: timeouts.connect, total: timeouts.connect_total };
+        let dialled = Instant::now();
+        match connect(addrs, port, budget).await {
+            Ok((upstream, addr)) => {
+                self.metrics.connect(ConnectResult::Ok, dialled.elapsed());
+                facts.upstream_addr = Some(addr);
+                Ok(upstream)
             }
             Err(e) => {
-                let alert = (e != crate::sni::HelloError::NotTls).then_some(alert::DECODE_ERROR);
-                return Err(HelloFailure { outcome: Outcome::refused(e.reason(), e.to_string()), alert });
+                let result = if e.timed_out() { ConnectResult::Timeout } else { ConnectResult::Failed };
+                self.metrics.connect(result, dialled.elapsed());
+                facts.upstream_addr = e.last_tried();
+                Err(e.into())
             }
         }
-        let old = buf.len();
-        buf.resize((old + HELLO_READ_CHUNK).min(cap), 0);
-        let read = tokio::time::timeout_at(deadline, client.read(&mut buf[old..])).await;
-        let n = match read {
-            Err(_) => {
-                let detail = format!("no complete ClientHello within {timeout:?} ({old} bytes received)");
-                let outcome = Outcome::error("client_hello_timeout", "client_hello_timeout", detail);
-                return Err(HelloFailure { outcome, alert: None });
-            }
-            Ok(Err(e)) => {
-                return Err(HelloFailure {
-                    outcome: Outcome::error("client_error", "client_error", e.to_string()),
-                    alert: None,
-                });
-            }
-            Ok(Ok(0)) => {
-                let detail = format!("the client closed before its ClientHello was complete ({old} bytes received)");
-                return Err(HelloFailure {
-                    outcome: Outcome::error("client_closed_early", "client_closed", detail),
-                    alert: None,
-                });
-            }
-            Ok(Ok(n)) => n,
-        };
-        buf.truncate(old + n);
-        transfer.add_from_client(n);
     }
 }
 
 /// Sends a fatal alert on the inner layer, closes our side (close_notify on
 /// the outer TLS layer, FIN on TCP) and lingers briefly so the alert is read
-/// before the socket goes away instead of being lost to a reset. Callers box
-/// it: it holds the stream and a drain buffer, and would otherwise widen the
-/// state of every connection that is allowed.
-async fn refuse<S>(mut client: S, description: u8, outcome: Outcome) -> Outcome
+/// before the socket goes away instead of being lost to a reset. Every byte
+/// written and drained is counted.
+async fn refuse<S>(mut client: S, description: u8, transfer: &Transfer)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let record = alert::record(description);
     let send = async {
-        client.write_all(&alert::record(description)).await?;
+        client.write_all(&record).await?;
+        transfer.add_to_client(record.len());
         client.shutdown().await
     };
     if tokio::time::timeout(REFUSAL_LINGER, send).await.is_ok_and(|r| r.is_ok()) {
@@ -466,11 +397,85 @@ where
             while total < REFUSAL_DRAIN_BYTES {
                 match client.read(&mut sink).await {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => total += n,
+                    Ok(n) => {
+                        total += n;
+                        transfer.add_from_client(n);
+                    }
                 }
             }
         };
         let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
     }
-    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::access_log::Channel;
+    use crate::observe::metrics::Caps;
+
+    fn process() -> (Process, tokio::sync::mpsc::UnboundedReceiver<Record>, Arc<Metrics>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let metrics = Arc::new(Metrics::new(Caps::default()));
+        let process = Process { metrics: metrics.clone(), sink: Arc::new(Channel(tx)), cut: Default::default() };
+        (process, rx, metrics)
+    }
+
+    fn listener() -> Arc<ListenerInfo> {
+        Arc::new(ListenerInfo { name: "l".into(), mode: Mode::Passthrough, upstream_port: 443 })
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_still_leaves_one_record_and_its_count() {
+        let (process, mut records, metrics) = process();
+        let addr: SocketAddr = "127.0.0.1:1234".parse().unwrap();
+        let task = tokio::spawn({
+            let process = process.clone();
+            async move {
+                let mut recorder = Recorder::start(addr, listener(), &process);
+                recorder.facts.sni = Some("a.example".into());
+                recorder.transfer.add_from_client(7);
+                panic!("a bug in a stage");
+            }
+        });
+        assert!(task.await.is_err_and(|e| e.is_panic()));
+        let r = records.recv().await.expect("a record");
+        assert_eq!(
+            (r.decision, r.reason, r.side, r.termination),
+            ("error", "internal_error", Some("internal"), "internal_error")
+        );
+        assert_eq!((r.sni.as_deref(), r.bytes_from_client), (Some("a.example"), 7));
+        assert!(records.try_recv().is_err(), "exactly one record");
+        let text = metrics.prometheus_text(0);
+        assert!(text.contains("reason=\"internal_error\"} 1"), "{text}");
+        assert!(text.contains("snigress_active_connections{listener=\"l\"} 0"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_finished_record_is_not_emitted_again_on_drop() {
+        let (process, mut records, _) = process();
+        let mut recorder = Recorder::start("127.0.0.1:1".parse().unwrap(), listener(), &process);
+        let t = recorder.facts.refuse(ConnError::NoSni);
+        recorder.finish(t);
+        drop(recorder);
+        let r = records.recv().await.expect("a record");
+        assert_eq!((r.decision, r.reason, r.side), ("denied", "no_sni", Some("client")));
+        assert!(records.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_cut_keeps_a_decided_refusal_and_names_itself_otherwise() {
+        let mut refused = Facts::default();
+        refused.refuse(ConnError::Denied(None));
+        assert_eq!(cut(&mut refused, ConnError::Shutdown), Termination::DrainTimeout);
+        assert_eq!(refused.refusal.as_ref().map(ConnError::reason), Some("policy_denied"));
+
+        let mut relaying = Facts { relaying: true, ..Facts::default() };
+        assert_eq!(cut(&mut relaying, ConnError::MaxLifetime), Termination::MaxLifetime);
+        assert!(relaying.refusal.is_none(), "an allowed connection stays allowed");
+
+        let mut setting_up = Facts::default();
+        cut(&mut setting_up, ConnError::MaxLifetime);
+        assert_eq!(setting_up.refusal.as_ref().map(ConnError::reason), Some("max_lifetime"));
+    }
 }

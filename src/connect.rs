@@ -1,61 +1,98 @@
 //! Dialling the target: each vetted address in order, one attempt each under
-//! its own timeout, moving on when one fails.
+//! its own timeout, moving on when one fails, and all of them within one
+//! total budget so the client hears back in bounded time whatever the
+//! number of addresses.
 
+use std::fmt;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
-
-/// TCP keepalive on upstream sockets: long-lived egress connections often
-/// cross NATs and firewalls that forget idle flows after a few minutes.
-const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
-
-#[derive(Debug, thiserror::Error)]
-#[error("could not connect to any address: {}", .attempts.join(", "))]
-pub struct ConnectError {
-    /// One line per address tried, for the diagnostic log.
-    pub attempts: Vec<String>,
-    /// Every attempt ended in its timeout.
-    pub all_timed_out: bool,
-}
-
-impl ConnectError {
-    pub fn reason(&self) -> &'static str {
-        if self.all_timed_out { "connect_timeout" } else { "connect_failed" }
-    }
-}
+use tokio::time::Instant;
 
 /// Most addresses tried for one connection: a DNS answer with dozens of
 /// unreachable addresses must not keep a client waiting for minutes.
 pub const MAX_ATTEMPTS: usize = 8;
 
-/// Connects to the first address that accepts (of the first `MAX_ATTEMPTS`).
-pub async fn connect(addrs: &[IpAddr], port: u16, timeout: Duration) -> Result<(TcpStream, SocketAddr), ConnectError> {
-    let mut attempts = Vec::new();
-    let mut all_timed_out = !addrs.is_empty();
-    for ip in addrs.iter().take(MAX_ATTEMPTS) {
-        let addr = SocketAddr::new(*ip, port);
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                tune(&stream);
-                return Ok((stream, addr));
-            }
-            Ok(Err(e)) => {
-                all_timed_out = false;
-                attempts.push(format!("{addr}: {e}"));
-            }
-            Err(_) => attempts.push(format!("{addr}: timed out after {timeout:?}")),
-        }
-    }
-    Err(ConnectError { attempts, all_timed_out })
+/// How long a connection may spend dialling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Each address.
+    pub per_attempt: Duration,
+    /// All of them together.
+    pub total: Duration,
 }
 
-/// TCP_NODELAY (the gateway relays whole TLS records; Nagle would only add
-/// latency) and keepalive. Failures are harmless and ignored.
-pub fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_TIME).with_interval(KEEPALIVE_INTERVAL);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+/// One address that did not connect.
+#[derive(Debug)]
+pub struct Attempt {
+    pub addr: SocketAddr,
+    /// `None`: it timed out (its own timeout, or the end of the budget).
+    pub error: Option<io::Error>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub struct ConnectError {
+    /// Every address tried, in order.
+    pub attempts: Vec<Attempt>,
+    /// The total budget ran out before every address was tried.
+    pub budget_spent: bool,
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("could not connect to any address: ")?;
+        for (i, a) in self.attempts.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            match &a.error {
+                Some(e) => write!(f, "{sep}{}: {e}", a.addr)?,
+                None => write!(f, "{sep}{}: timed out", a.addr)?,
+            }
+        }
+        if self.budget_spent {
+            f.write_str("; timeouts.connect_total spent")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConnectError {
+    /// Every attempt ended in a timeout (none was refused outright).
+    pub fn timed_out(&self) -> bool {
+        !self.attempts.is_empty() && self.attempts.iter().all(|a| a.error.is_none())
+    }
+
+    pub fn reason(&self) -> &'static str {
+        if self.timed_out() { "connect_timeout" } else { "connect_failed" }
+    }
+
+    /// The last address tried (what the access record names).
+    pub fn last_tried(&self) -> Option<SocketAddr> {
+        self.attempts.last().map(|a| a.addr)
+    }
+}
+
+/// Connects to the first address that accepts (of the first
+/// [`MAX_ATTEMPTS`]), within `budget`.
+pub async fn connect(addrs: &[IpAddr], port: u16, budget: Budget) -> Result<(TcpStream, SocketAddr), ConnectError> {
+    let deadline = Instant::now() + budget.total;
+    let mut attempts = Vec::new();
+    for ip in addrs.iter().take(MAX_ATTEMPTS) {
+        let addr = SocketAddr::new(*ip, port);
+        let until = deadline.min(Instant::now() + budget.per_attempt);
+        match tokio::time::timeout_at(until, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                crate::net::tune(&stream);
+                return Ok((stream, addr));
+            }
+            Ok(Err(e)) => attempts.push(Attempt { addr, error: Some(e) }),
+            Err(_) => attempts.push(Attempt { addr, error: None }),
+        }
+        if Instant::now() >= deadline {
+            let budget_spent = attempts.len() < addrs.len().min(MAX_ATTEMPTS);
+            return Err(ConnectError { attempts, budget_spent });
+        }
+    }
+    Err(ConnectError { attempts, budget_spent: false })
 }

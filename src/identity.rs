@@ -7,13 +7,22 @@
 //! namespace and service account are known only for the Istio form.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest SPIFFE ID accepted (the SPIFFE spec caps URIs at 2048 bytes).
 const MAX_SPIFFE_ID_LEN: usize = 2048;
 
-/// A parsed SPIFFE ID.
+/// Istio's default trust domain: what `mtls.trust_domains` accepts when
+/// the config names none, and the domain of the dev PKI's identities.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// A parsed SPIFFE ID. Cloning is cheap (one shared allocation): a
+/// connection's identity travels with its destination through the stages.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Principal {
+pub struct Principal(Arc<Parts>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct Parts {
     /// The whole ID as presented, `spiffe://…`.
     uri: Box<str>,
     /// Lower-case trust domain (the URI's authority).
@@ -73,41 +82,41 @@ impl Principal {
             ["ns", ns, "sa", sa] => (Some((*ns).into()), Some((*sa).into())),
             _ => (None, None),
         };
-        Ok(Principal { uri: uri.into(), trust_domain: domain.into(), namespace, service_account })
+        Ok(Principal(Arc::new(Parts { uri: uri.into(), trust_domain: domain.into(), namespace, service_account })))
     }
 
     pub fn uri(&self) -> &str {
-        &self.uri
+        &self.0.uri
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> Option<&str> {
-        self.namespace.as_deref()
+        self.0.namespace.as_deref()
     }
 
     pub fn service_account(&self) -> Option<&str> {
-        self.service_account.as_deref()
+        self.0.service_account.as_deref()
     }
 
     /// The ID without its scheme, as Istio's authorization policies and
     /// Mixer-era logs write it (`cluster.local/ns/default/sa/sleep`).
     pub fn without_scheme(&self) -> &str {
-        &self.uri[9..]
+        self.0.uri.get(9..).unwrap_or_default()
     }
 }
 
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.uri)
+        f.write_str(self.uri())
     }
 }
 
 impl fmt::Debug for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Principal({})", self.uri)
+        write!(f, "Principal({})", self.uri())
     }
 }
 

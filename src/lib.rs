@@ -4,53 +4,52 @@
 //! sidecar --mTLS(outer)--> snigress --TCP--> real target
 //!            [ inner TLS: application <-> target, never decrypted here ]
 //!
-//! accept                      listener.rs   connection limit, accept loop
-//!  -> outer mTLS              mtls.rs       client cert from the mesh CA, SPIFFE ID
-//!  -> inner ClientHello       sni.rs        reassembled across records and reads
-//!  -> name                    name.rs       validated, normalised host name
-//!  -> policy                  policy.rs     allow/deny patterns, per-identity rules
-//!  -> resolve + vet           resolve.rs    DNS (absolute names), SSRF guard
-//!  -> connect                 connect.rs    each vetted address in turn
-//!  -> replay + splice         splice.rs     buffered bytes first, then both ways
-//!                             zerocopy.rs   splice(2) through a pipe when both sides are TCP
-//!  -> one access record       access_log.rs JSON line per connection
-//!     + counters               metrics.rs    per SNI and caller, bytes live
+//! accept              gateway/accept.rs  connection limits, accept loop, drain
+//!  -> arrival         arrive/            how the bytes came: plain TCP | outer mTLS
+//!  -> front           front/tls.rs       how the destination is learned: the ClientHello's SNI
+//!  -> Destination     destination.rs     validated name (name.rs), port, caller (identity.rs)
+//!  -> policy          policy.rs          allow/deny patterns, per-identity rules
+//!  -> resolve + vet   resolve.rs         DNS (absolute names), SSRF guard (resolve/vet.rs)
+//!  -> connect         connect.rs         the vetted addresses in turn, under a total budget
+//!  -> replay + relay  relay/             buffered bytes first, then both ways (copy.rs),
+//!                                        or splice(2) when both sides are TCP (splice.rs)
+//!  -> one record      observe/           access_log.rs, metrics.rs; admin.rs serves them
 //! ```
 //!
-//! `conn.rs` calls the stages in this order for one connection and produces
-//! its record; passthrough listeners skip the outer layer.
+//! [`conn`] runs these stages in this order for one connection; every way a
+//! connection can end is one [`error::ConnError`], and every connection
+//! leaves exactly one access record. Stage modules do not import each other;
+//! they share only the newtypes in [`name`], [`identity`] and
+//! [`destination`].
 //!
 //! # Layout
-//! - [`cli`], [`config`]: arguments; YAML schema and validation.
-//! - [`listener`]: binding, accept loop, connection limit; [`conn`]: one connection.
-//! - [`mtls`], [`identity`]: the outer layer and the caller's SPIFFE ID.
-//! - [`sni`], [`name`]: the inner ClientHello and its server name.
-//! - [`policy`]: compiled patterns and `decide`.
-//! - [`resolve`], [`connect`], [`splice`]: the way to the target.
-//! - [`access_log`]: the per-connection record and its writer.
-//! - [`metrics`], [`admin`]: Prometheus metrics; /metrics, /healthz, /readyz.
-//! - [`devcerts`]: the development PKI; [`sidecar`]: the client half of the mesh.
-//! - [`reload`]: live reload of the config and certificates.
+//! - [`cli`], [`config`]: arguments; the YAML schema, its validation, its errors.
+//! - [`gateway`]: binding, the accept loop, limits and drain; live reload.
+//! - [`state`]: what a connection runs on (one snapshot per config).
+//! - [`conn`]: one connection, start to end; [`error`]: how it can end.
+//! - [`arrive`]: the outer mTLS layer; [`front`]: the inner ClientHello.
+//! - [`name`], [`identity`], [`destination`]: the shared newtypes.
+//! - [`policy`], [`resolve`], [`connect`], [`relay`]: the way to the target.
+//! - [`observe`]: the access record, metrics, the admin endpoint, the stderr writer.
+//! - [`tools`]: `snigress check`, the development PKI, `snigress sidecar`.
 
 #![forbid(unsafe_code)]
 
-pub mod access_log;
-pub mod admin;
-pub mod check;
+pub mod arrive;
 pub mod cli;
 pub mod config;
-pub mod conn;
-pub mod connect;
-pub mod devcerts;
+mod conn;
+mod connect;
+pub mod destination;
+pub mod error;
+pub mod front;
+pub mod gateway;
 pub mod identity;
-pub mod listener;
-pub mod metrics;
-pub mod mtls;
 pub mod name;
+mod net;
+pub mod observe;
 pub mod policy;
-pub mod reload;
+pub mod relay;
 pub mod resolve;
-pub mod sidecar;
-pub mod sni;
-pub mod splice;
-pub mod zerocopy;
+pub mod state;
+pub mod tools;

@@ -1,25 +1,42 @@
-//! The `snigress` binary: argument parsing, logging, exit codes.
+//! The `snigress` binary: argument parsing, logging, the descriptor limit,
+//! signals, exit codes.
+
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use snigress::access_log::JsonLines;
 use snigress::cli::{Cli, Command, LogFormat};
-use snigress::config::{Config, MtlsSource};
+use snigress::config::{self, Config, MtlsSource};
+use snigress::gateway::Gateway;
 use snigress::identity::Principal;
-use snigress::listener::{Gateway, StartError};
-use snigress::{check, devcerts};
+use snigress::observe::access_log::JsonLines;
+use snigress::observe::stderr::NonBlockingStderr;
+use snigress::state::StartError;
+use snigress::tools::{check, devcerts};
 
 /// Exit code for an invalid configuration (EX_USAGE from sysexits.h).
 const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
+/// Descriptors beyond two per connection: listeners, the admin endpoint and
+/// its clients, DNS sockets, pipes of the zero-copy relay, log files.
+const FD_HEADROOM: u64 = 256;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli);
+    let stderr = init_tracing(&cli);
+    let code = dispatch(cli);
+    if let Some(stderr) = stderr {
+        stderr.flush(Duration::from_secs(1));
+    }
+    code
+}
+
+fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config, sni, principal, skip_cert_files } => {
@@ -32,29 +49,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(cli: &Cli) {
+/// Diagnostics go to stderr through a writer that never blocks the caller
+/// (see `observe::stderr`); returned so `main` can flush it before exiting.
+fn init_tracing(cli: &Cli) -> Option<NonBlockingStderr> {
+    // The filter was validated when the arguments were parsed.
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-        LogFormat::Text => builder.init(),
+    let writer = NonBlockingStderr::spawn().ok();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match (cli.log_format, writer.clone()) {
+        (LogFormat::Json, Some(w)) => builder.json().with_current_span(false).with_writer(w).init(),
+        (LogFormat::Text, Some(w)) => builder.with_writer(w).init(),
+        // No thread for the writer: write in place rather than not at all.
+        (LogFormat::Json, None) => builder.json().with_current_span(false).with_writer(std::io::stderr).init(),
+        (LogFormat::Text, None) => builder.with_writer(std::io::stderr).init(),
     }
+    writer
 }
 
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+/// The config file's text and the config validated from it.
+fn load(path: &Path) -> Result<(String, Config), ExitCode> {
+    let fail = |e: config::ConfigError| {
         eprintln!("{e}");
         ExitCode::from(EXIT_CONFIG)
-    })
+    };
+    let text = config::read(path).map_err(fail)?;
+    let config = Config::parse(&text, &path.display().to_string(), &config::base_dir(path)).map_err(fail)?;
+    Ok((text, config))
 }
 
-fn check_cmd(path: &std::path::Path, sni: Option<&str>, principal: Option<&str>, cert_files: bool) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
+fn check_cmd(path: &Path, sni: Option<&str>, principal: Option<&str>, cert_files: bool) -> ExitCode {
+    let (text, config) = match load(path) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    match check::validate(&config, cert_files) {
+    match check::validate(&config, &text, &path.display().to_string(), cert_files) {
         Ok(summary) => println!("{summary}"),
         Err(e) => {
             eprintln!("{e}");
@@ -86,7 +115,7 @@ fn sidecar(args: snigress::cli::SidecarArgs) -> ExitCode {
         let host = args.gateway.rsplit_once(':').map_or(args.gateway.as_str(), |(host, _)| host);
         host.trim_start_matches('[').trim_end_matches(']').to_owned()
     });
-    let settings = snigress::sidecar::Settings {
+    let settings = snigress::tools::sidecar::Settings {
         listen: args.listen,
         gateway: args.gateway,
         server_name,
@@ -106,9 +135,9 @@ fn sidecar(args: snigress::cli::SidecarArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let sidecar = match snigress::sidecar::Sidecar::bind(settings.clone()).await {
+        let sidecar = match snigress::tools::sidecar::Sidecar::bind(settings.clone()).await {
             Ok(s) => s,
-            Err(e @ snigress::sidecar::SidecarError::Bind(..)) => {
+            Err(e @ snigress::tools::sidecar::SidecarError::Bind(..)) => {
                 eprintln!("{e}");
                 return ExitCode::from(EXIT_FAILURE);
             }
@@ -139,13 +168,7 @@ fn sidecar(args: snigress::cli::SidecarArgs) -> ExitCode {
     })
 }
 
-fn certs(
-    out: &std::path::Path,
-    clients: &[String],
-    gateway_id: &str,
-    server_names: Vec<String>,
-    force: bool,
-) -> ExitCode {
+fn certs(out: &Path, clients: &[String], gateway_id: &str, server_names: Vec<String>, force: bool) -> ExitCode {
     let parse = |s: &str| Principal::parse(s).map_err(|e| format!("{s}: {e}"));
     let spec = (|| -> Result<devcerts::Spec, String> {
         Ok(devcerts::Spec {
@@ -175,9 +198,9 @@ fn certs(
     }
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
+fn run(path: &Path) -> ExitCode {
+    let (text, config) = match load(path) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     if let Some(MtlsSource::DevPki(dir)) = config.mtls.as_ref().map(|m| &m.source) {
@@ -194,11 +217,12 @@ fn run(path: &std::path::Path) -> ExitCode {
                 );
             }
             Err(e) => {
-                eprintln!("{}", config.error_at("dev_pki", e.to_string()));
+                eprintln!("{}", config::locate_mtls(&text, &path.display().to_string(), "dev_pki", e.to_string()));
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
     }
+    raise_fd_limit(config.limits.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -206,7 +230,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(serve(path, config)) {
+    match runtime.block_on(serve(path, &text, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(e)) => {
             eprintln!("{e}");
@@ -224,7 +248,7 @@ enum Failure {
     Runtime(anyhow::Error),
 }
 
-async fn serve(path: &Path, config: Config) -> Result<(), Failure> {
+async fn serve(path: &Path, text: &str, config: Config) -> Result<(), Failure> {
     // Installed first: a signal that arrives while starting must not kill
     // the process with the default action.
     let signals =
@@ -236,10 +260,12 @@ async fn serve(path: &Path, config: Config) -> Result<(), Failure> {
     );
     let gateway = match Gateway::bind(&config, sink.clone()).await {
         Ok(g) => g,
-        Err(StartError::Config(e)) => return Err(Failure::Config(e.to_string())),
+        Err(StartError::Material(e)) => {
+            return Err(Failure::Config(config::locate(text, &path.display().to_string(), &e).to_string()));
+        }
         Err(e) => return Err(Failure::Runtime(e.into())),
     };
-    let reloader = gateway.reloader(path.to_owned());
+    let reloader = gateway.reloader(path.to_owned(), text);
     let _watch = match reloader.clone().watch() {
         Ok(task) => Some(task),
         Err(e) => {
@@ -261,19 +287,20 @@ async fn serve(path: &Path, config: Config) -> Result<(), Failure> {
             _ = term.recv() => tracing::info!("SIGTERM: draining"),
             _ = int.recv() => tracing::info!("SIGINT: draining"),
         }
-        // A second signal ends the process at once.
+        // A second signal ends the process at once; the exit status says
+        // the drain was cut short (128 + the signal, as a shell reports it).
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            tracing::warn!("second signal: exiting now without draining");
-            on_exit.flush(std::time::Duration::from_secs(1));
-            std::process::exit(0);
+            let code = tokio::select! {
+                _ = term.recv() => 128 + libc::SIGTERM,
+                _ = int.recv() => 128 + libc::SIGINT,
+            };
+            tracing::warn!(exit_code = code, "second signal: exiting now without draining");
+            on_exit.flush(Duration::from_secs(1));
+            std::process::exit(code);
         });
     };
     gateway.serve(stop).await;
-    sink.flush(std::time::Duration::from_secs(5));
+    sink.flush(Duration::from_secs(5));
     tracing::info!("stopped");
     Ok(())
 }
@@ -294,5 +321,33 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
         })
+    }
+}
+
+/// Raises the soft descriptor limit to the hard one (as Go programs and
+/// HAProxy do): a soft limit of 1 024, common under systemd and in shells,
+/// would otherwise stop the gateway at ~500 connections. Warns when even the
+/// hard limit cannot hold `max_connections`.
+fn raise_fd_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let raised = if soft < hard { setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard) } else { Ok(soft) };
+    let limit = raised.unwrap_or(soft);
+    if let Err(e) = raised {
+        tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit to the hard limit");
+    }
+    let needed = 2 * max_connections as u64 + FD_HEADROOM;
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections,
+            "the open-file limit cannot hold limits.max_connections (2 descriptors per connection plus {FD_HEADROOM}); \
+             connections past about {} will be refused by the kernel: raise the hard limit (ulimit -Hn, LimitNOFILE=) \
+             or lower limits.max_connections",
+            limit.saturating_sub(FD_HEADROOM) / 2
+        );
+    } else {
+        tracing::debug!(limit, needed, "open-file limit");
     }
 }

@@ -7,8 +7,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use snigress::sni::testing::refragment;
-use snigress::sni::{Hello, HelloReader, Progress};
+use snigress::front::tls::testing::refragment;
+use snigress::front::tls::{Hello, HelloReader, Progress};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

@@ -266,9 +266,9 @@ async fn fragmented_hellos_are_read_whole_and_replayed_byte_exact() {
     assert!(hello.len() > 1000, "rustls sends a post-quantum key share");
     let layouts = [
         ("one record", hello.clone()),
-        ("two records", snigress::sni::testing::refragment(&hello, hello.len() / 2)),
-        ("64-byte records", snigress::sni::testing::refragment(&hello, 64)),
-        ("1-byte records", snigress::sni::testing::refragment(&hello, 1)),
+        ("two records", snigress::front::tls::testing::refragment(&hello, hello.len() / 2)),
+        ("64-byte records", snigress::front::tls::testing::refragment(&hello, 64)),
+        ("1-byte records", snigress::front::tls::testing::refragment(&hello, 1)),
     ];
     for (layout, bytes) in layouts {
         for (listener, chunk) in [("passthrough-capture", usize::MAX), ("passthrough-capture", 1), ("mtls-capture", 7)]
@@ -380,7 +380,7 @@ async fn a_refused_connect_moves_on_to_the_next_address() {
         cache_size: 16,
         timeout: std::time::Duration::from_secs(10),
         vetting: snigress::resolve::Vetting {
-            allow_cidrs: vec![snigress::resolve::Cidr::parse("127.0.0.0/8").unwrap()],
+            allow_cidrs: vec![snigress::resolve::vet::parse_cidr("127.0.0.0/8").unwrap()],
             deny_cidrs: Vec::new(),
         },
     };
@@ -420,9 +420,9 @@ async fn bytes_are_counted_when_the_client_resets() {
 
 #[test]
 fn a_real_hello_needs_more_at_every_prefix_then_completes() {
-    use snigress::sni::{HelloReader, Progress};
+    use snigress::front::tls::{HelloReader, Progress};
     let hello = client_hello("prefix.allowed.test");
-    for layout in [hello.clone(), snigress::sni::testing::refragment(&hello, 100)] {
+    for layout in [hello.clone(), snigress::front::tls::testing::refragment(&hello, 100)] {
         let mut reader = HelloReader::new(16 * 1024);
         for end in 0..layout.len() {
             assert_eq!(reader.advance(&layout[..end]), Ok(Progress::NeedMore), "prefix {end}");

@@ -7,8 +7,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use snigress::access_log::Record;
-use snigress::metrics::{NONE, OVERFLOW};
+use snigress::observe::access_log::Record;
+use snigress::observe::metrics::{NONE, OVERFLOW};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use rustls::AlertDescription;
-use snigress::access_log::Record;
+use snigress::observe::access_log::Record;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -301,7 +301,7 @@ async fn a_hello_declaring_16_mib_is_refused_at_once() {
     hello.extend_from_slice(&[0u8; 64]);
     tcp.write_all(&hello).await.expect("write");
     let (got, _) = within("refused", read_all(&mut tcp)).await;
-    assert_eq!(got, snigress::sni::alert::record(snigress::sni::alert::DECODE_ERROR));
+    assert_eq!(got, snigress::front::tls::alert::record(snigress::front::tls::alert::DECODE_ERROR));
     let r = h.record().await;
     assert_eq!(r.reason, "client_hello_too_large");
     assert!(r.bytes_from_client < 16 * 1024 + 100);
@@ -309,7 +309,7 @@ async fn a_hello_declaring_16_mib_is_refused_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ech_is_flagged_and_optionally_refused() {
-    let ech = snigress::sni::testing::ech_hello_for("capture.allowed.test");
+    let ech = snigress::front::tls::testing::ech_hello_for("capture.allowed.test");
     let mut h = Harness::start().await;
     let mut tcp = TcpStream::connect(h.addr("passthrough-capture")).await.expect("connect");
     tcp.write_all(&ech).await.expect("write");
@@ -325,7 +325,7 @@ async fn ech_is_flagged_and_optionally_refused() {
     let mut tcp = TcpStream::connect(h.addr("passthrough-capture")).await.expect("connect");
     tcp.write_all(&ech).await.expect("write");
     let (got, _) = within("ech refused", read_all(&mut tcp)).await;
-    assert_eq!(got, snigress::sni::alert::record(snigress::sni::alert::ACCESS_DENIED));
+    assert_eq!(got, snigress::front::tls::alert::record(snigress::front::tls::alert::ACCESS_DENIED));
     let r = h.record().await;
     assert_eq!((r.decision, r.reason, r.ech), ("denied", "ech_refused", true));
 }
@@ -342,9 +342,10 @@ async fn small_gateway(
     );
     let config = snigress::config::Config::parse(&text, "small.yaml", std::path::Path::new(".")).expect("config");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let gateway = snigress::listener::Gateway::bind(&config, std::sync::Arc::new(snigress::access_log::Channel(tx)))
-        .await
-        .expect("bind");
+    let gateway =
+        snigress::gateway::Gateway::bind(&config, std::sync::Arc::new(snigress::observe::access_log::Channel(tx)))
+            .await
+            .expect("bind");
     let addr = gateway.local_addrs()[0].1;
     tokio::spawn(gateway.serve(std::future::pending()));
     (addr, rx)

@@ -195,7 +195,7 @@ async fn a_real_prometheus_scrapes_what_the_gateway_did() {
     for _ in 0..8 {
         records.push(h.record().await);
     }
-    let bytes = |sni: &str, f: fn(&snigress::access_log::Record) -> u64| -> f64 {
+    let bytes = |sni: &str, f: fn(&snigress::observe::access_log::Record) -> u64| -> f64 {
         records.iter().filter(|r| r.sni.as_deref() == Some(sni)).map(f).sum::<u64>() as f64
     };
     let a_from = bytes("a.allowed.test", |r| r.bytes_from_client);

@@ -6,17 +6,17 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use snigress::config::Config;
+use snigress::front::tls::testing::{hello_for, refragment};
+use snigress::front::tls::{HelloReader, Progress};
 use snigress::identity::Principal;
 use snigress::name::ServerName;
 use snigress::policy::{Pattern, Policy, PolicySpec};
-use snigress::sni::testing::{hello_for, refragment};
-use snigress::sni::{HelloReader, Progress};
 
 const CAP: usize = 4096;
 
 /// Feeds `bytes` to a reader in pieces of `step`, as reads would deliver
 /// them; returns the final progress. Asserts the cap is honoured.
-fn feed(bytes: &[u8], step: usize) -> Result<Progress, snigress::sni::HelloError> {
+fn feed(bytes: &[u8], step: usize) -> Result<Progress, snigress::front::tls::HelloError> {
     let mut reader = HelloReader::new(CAP);
     let mut end = 0;
     loop {

@@ -208,7 +208,7 @@ async fn running_out_of_descriptors_pauses_the_accept_loop_without_spinning() {
             let mut tcp = TcpStream::connect(addr).await.expect("connect");
             let _ = tcp.write_all(&hello).await;
             let (got, _) = read_all(&mut tcp).await;
-            if got == snigress::sni::alert::record(snigress::sni::alert::ACCESS_DENIED) {
+            if got == snigress::front::tls::alert::record(snigress::front::tls::alert::ACCESS_DENIED) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

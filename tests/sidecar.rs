@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use common::*;
 use snigress::identity::Principal;
-use snigress::sidecar::{ISTIO_ALPN, Settings, Sidecar};
+use snigress::tools::sidecar::{ISTIO_ALPN, Settings, Sidecar};
 use tokio::net::TcpStream;
 
 const GATEWAY_ID: &str = "spiffe://cluster.local/ns/snigress/sa/snigress";
 
 fn settings(h: &Harness, server_name: &str, gateway_id: Option<&str>) -> Settings {
-    let (cert, key) = snigress::devcerts::client_files(&Principal::parse(SLEEP).unwrap());
+    let (cert, key) = snigress::tools::devcerts::client_files(&Principal::parse(SLEEP).unwrap());
     Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         gateway: h.addr("mtls").to_string(),

@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rustls::RootCertStore;
 use rustls::pki_types::ServerName;
-use snigress::access_log::Record;
+use snigress::observe::access_log::Record;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 

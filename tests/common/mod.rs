@@ -17,12 +17,12 @@ use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use snigress::access_log::{Channel, Record};
+use snigress::arrive::mtls::provider;
 use snigress::config::Config;
-use snigress::devcerts::{self, Spec};
+use snigress::gateway::Gateway;
 use snigress::identity::Principal;
-use snigress::listener::Gateway;
-use snigress::mtls::provider;
+use snigress::observe::access_log::{Channel, Record};
+use snigress::tools::devcerts::{self, Spec};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
@@ -318,7 +318,7 @@ pub struct Harness {
     pub records: mpsc::UnboundedReceiver<Record>,
     /// The config file the gateway runs (and reloads) from.
     pub config_path: PathBuf,
-    pub reloader: Arc<snigress::reload::Reloader>,
+    pub reloader: Arc<snigress::gateway::reload::Reloader>,
     stop: Option<oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<()>>,
     _watch: tokio::task::JoinHandle<()>,
@@ -361,7 +361,7 @@ impl Harness {
         let gateway = Gateway::bind(&config, Arc::new(Channel(tx))).await.expect("gateway binds");
         let addrs = gateway.local_addrs();
         let metrics_addr = gateway.metrics_addr().expect("metrics endpoint");
-        let reloader = gateway.reloader(config_path.clone());
+        let reloader = gateway.reloader(config_path.clone(), &text);
         let watch = reloader.clone().watch().expect("watch the config directory");
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(gateway.serve(async move {

@@ -1,5 +1,6 @@
 //! The access record: one JSON object per connection, produced in one place
-//! (`conn::handle`) on every path and written when the connection ends.
+//! (the connection's recorder in `conn.rs`) on every path, a panic included,
+//! and written when the connection ends.
 //!
 //! Records go to stdout by default or to `access_log.path`, never mixed with
 //! the diagnostic log (stderr). Writing happens on a dedicated thread so a
@@ -9,6 +10,7 @@ use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use serde::Serialize;
@@ -39,6 +41,9 @@ pub struct Record {
     pub decision: &'static str,
     /// Why (bounded vocabulary, see the README).
     pub reason: &'static str,
+    /// For refusals and errors, who caused the end: `client`, `upstream`,
+    /// `policy` or `internal`; absent when allowed.
+    pub side: Option<&'static str>,
     /// The pattern that decided (`rule-name:pattern` for per-identity rules).
     pub matched_rule: Option<String>,
     /// The address dialled (or last tried).
@@ -54,6 +59,11 @@ pub struct Record {
 /// Where finished records go.
 pub trait Sink: Send + Sync {
     fn emit(&self, record: Record);
+
+    /// Records dropped so far because the output could not keep up.
+    fn dropped(&self) -> u64 {
+        0
+    }
 }
 
 /// JSON lines, written by a thread of their own in batches: records queue
@@ -75,6 +85,9 @@ pub const MAX_QUEUED: usize = 100_000;
 
 struct Shared {
     queue: Mutex<Queue>,
+    /// Records dropped since the start (the metric), beside the count not
+    /// yet reported in the diagnostic log.
+    dropped_total: AtomicU64,
     /// Signalled when a batch is full or a flush is asked for.
     wake: Condvar,
     /// Signalled after each written batch.
@@ -102,7 +115,12 @@ impl JsonLines {
     }
 
     pub fn spawn(out: Box<dyn Write + Send>) -> JsonLines {
-        let shared = Arc::new(Shared { queue: Mutex::default(), wake: Condvar::new(), written: Condvar::new() });
+        let shared = Arc::new(Shared {
+            queue: Mutex::default(),
+            dropped_total: AtomicU64::new(0),
+            wake: Condvar::new(),
+            written: Condvar::new(),
+        });
         let writer = shared.clone();
         std::thread::Builder::new()
             .name("access-log".into())
@@ -166,12 +184,17 @@ impl Sink for JsonLines {
         let mut queue = self.shared.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if queue.records.len() >= MAX_QUEUED {
             queue.dropped += 1;
+            self.shared.dropped_total.fetch_add(1, Ordering::Relaxed);
             return;
         }
         queue.records.push(record);
         if queue.records.len() == BATCH_SIZE {
             self.shared.wake.notify_one();
         }
+    }
+
+    fn dropped(&self) -> u64 {
+        self.shared.dropped_total.load(Ordering::Relaxed)
     }
 }
 

@@ -1,5 +1,5 @@
 //! Prometheus metrics: per destination name (`sni`) and per calling workload
-//! (`source`), with bounded label cardinality.
+//! (`source`), with a bounded number of series.
 //!
 //! Every metric lives in one registry with the `snigress_` prefix and is
 //! exposed on the metrics address (see `admin.rs`). Handles for the byte
@@ -10,9 +10,13 @@
 //! distinct names (or `max_source_values` distinct callers), new values are
 //! counted under [`OVERFLOW`]. Names of refused connections are chosen by
 //! whoever connects, so they may take at most half of the SNI budget; names
-//! that were allowed can always use the rest.
+//! that were allowed can always use the rest. Series are products of labels,
+//! so the (sni, source) pairs are capped too (`max_sni_source_pairs`): past
+//! it, a new pair keeps its `sni` and is counted under `source="__overflow__"`.
+//! Each per-SNI family then holds at most `max_sni_source_pairs +
+//! max_sni_values + 3` (sni, source) combinations, whatever the traffic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +27,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::error::Decision;
 use crate::identity::Principal;
+use crate::relay::Meter;
 
 /// Label value that stands for every value past a cap.
 pub const OVERFLOW: &str = "__overflow__";
@@ -40,6 +46,28 @@ pub mod defaults {
     pub const MAX_SNI_VALUES: usize = 1000;
     /// Distinct `source` label values (mesh workloads).
     pub const MAX_SOURCE_VALUES: usize = 500;
+    /// Distinct (sni, source) pairs: most callers reach a handful of names,
+    /// so 5 000 pairs cover a large cluster, while the product of the two
+    /// caps above (500 000) would not fit a Prometheus server's budget.
+    pub const MAX_SNI_SOURCE_PAIRS: usize = 5000;
+}
+
+/// The caps on label values and series, from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub sni_values: usize,
+    pub source_values: usize,
+    pub sni_source_pairs: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Caps {
+        Caps {
+            sni_values: defaults::MAX_SNI_VALUES,
+            source_values: defaults::MAX_SOURCE_VALUES,
+            sni_source_pairs: defaults::MAX_SNI_SOURCE_PAIRS,
+        }
+    }
 }
 
 /// Caps the distinct values of one label.
@@ -89,6 +117,28 @@ impl LabelCap {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Caps the distinct (sni, source) pairs; pairs are admitted for good.
+#[derive(Debug)]
+struct PairCap {
+    max: usize,
+    seen: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+}
+
+impl PairCap {
+    fn admit(&self, sni: &Arc<str>, source: &Arc<str>) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let pair = (sni.clone(), source.clone());
+        if seen.contains(&pair) {
+            return true;
+        }
+        if seen.len() >= self.max {
+            return false;
+        }
+        seen.insert(pair);
+        true
     }
 }
 
@@ -146,6 +196,11 @@ struct VersionLabels {
     version: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    alert: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn duration_buckets() -> Histogram {
@@ -169,12 +224,12 @@ pub struct ByteCounters {
     to_client: Counter,
 }
 
-impl ByteCounters {
-    pub fn add_from_client(&self, n: u64) {
+impl Meter for ByteCounters {
+    fn add_from_client(&self, n: u64) {
         self.from_client.inc_by(n);
     }
 
-    pub fn add_to_client(&self, n: u64) {
+    fn add_to_client(&self, n: u64) {
         self.to_client.inc_by(n);
     }
 }
@@ -194,6 +249,24 @@ pub enum DnsResult {
     NoAddresses,
     Timeout,
     Error,
+}
+
+/// The result of dialling an allowed destination, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectResult {
+    Ok,
+    Failed,
+    Timeout,
+}
+
+impl ConnectResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            ConnectResult::Ok => "ok",
+            ConnectResult::Failed => "failed",
+            ConnectResult::Timeout => "timeout",
+        }
+    }
 }
 
 impl DnsResult {
@@ -223,6 +296,7 @@ pub struct Metrics {
     connects: Family<ResultLabels, Counter>,
     connect_duration: Histogram,
     handshake_failures: Family<HandshakeLabels, Counter>,
+    alerts: Family<AlertLabels, Counter>,
     cert_expiry: Gauge,
     open_fds: Gauge,
     resident_memory: Gauge,
@@ -230,8 +304,17 @@ pub struct Metrics {
     last_reload: Gauge,
     draining: Gauge,
     accept_errors: Counter,
+    access_log_dropped: Counter,
+    log_lines_dropped: Counter,
+    pipes_open: Gauge,
+    pipe_bytes: Gauge,
+    pipe_resize_failures: Counter,
+    splice_fallbacks: Counter,
     sni_cap: LabelCap,
     source_cap: LabelCap,
+    pairs: PairCap,
+    /// Held while sampling, so concurrent scrapes do not advance a counter twice.
+    sampling: Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -240,127 +323,173 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+fn histograms<L: Clone + std::hash::Hash + Eq>(buckets: fn() -> Histogram) -> HistogramFamily<L> {
+    HistogramFamily::new_with_constructor(buckets)
+}
+
+/// Registers `metric` under `name` and returns the handle to update it by.
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
-    pub fn new(max_sni_values: usize, max_source_values: usize) -> Metrics {
+    pub fn new(caps: Caps) -> Metrics {
         let mut registry = Registry::with_prefix("snigress");
-        let connections = Family::default();
-        registry.register(
-            "connections",
-            "Connections ended, by listener, inner SNI, caller, decision and reason",
-            connections.clone(),
-        );
-        let bytes_from_client = Family::default();
-        registry.register(
-            "bytes_from_client",
-            "Bytes received from clients (the ClientHello included), by SNI and caller; advances while connections are open",
-            bytes_from_client.clone(),
-        );
-        let bytes_to_client = Family::default();
-        registry.register(
-            "bytes_to_client",
-            "Bytes sent to clients, by SNI and caller; advances while connections are open",
-            bytes_to_client.clone(),
-        );
-        let active = Family::default();
-        registry.register("active_connections", "Connections open now, by listener", active.clone());
-        let duration = HistogramFamily::new_with_constructor(duration_buckets as fn() -> Histogram);
-        registry.register(
-            "connection_duration_seconds",
-            "Connection lifetime from accept to close, by listener and decision",
-            duration.clone(),
-        );
-        let hello_size = HistogramFamily::new_with_constructor(hello_buckets as fn() -> Histogram);
-        registry.register(
-            "client_hello_size_bytes",
-            "Size of complete inner ClientHellos as received (records included)",
-            hello_size.clone(),
-        );
-        let dns_lookups = Family::default();
-        registry.register("dns_lookups", "DNS lookups by result (cache hits included)", dns_lookups.clone());
-        let dns_cache_hits = Counter::default();
-        registry.register("dns_cache_hits", "DNS lookups answered from the gateway's cache", dns_cache_hits.clone());
-        let dns_duration = latency_buckets();
-        registry.register("dns_lookup_duration_seconds", "DNS lookup time (cache hits included)", dns_duration.clone());
-        let connects = Family::default();
-        registry.register(
-            "upstream_connects",
-            "Upstream connection attempts per connection by result (ok, failed, timeout)",
-            connects.clone(),
-        );
-        let connect_duration = latency_buckets();
-        registry.register(
-            "upstream_connect_duration_seconds",
-            "Time to an established upstream connection (every address tried)",
-            connect_duration.clone(),
-        );
-        let handshake_failures = Family::default();
-        registry.register(
-            "outer_handshake_failures",
-            "Outer mTLS handshakes that failed, by listener and reason",
-            handshake_failures.clone(),
-        );
-        let cert_expiry = Gauge::default();
-        registry.register(
-            "certificate_expiry_timestamp_seconds",
-            "Expiry (not after) of the gateway's outer mTLS certificate, Unix time; 0 without one",
-            cert_expiry.clone(),
-        );
+        let r = &mut registry;
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
-        registry.register("build_info", "Build information; always 1", build_info);
-        let open_fds = Gauge::default();
-        registry.register("process_open_fds", "Open file descriptors of the gateway process", open_fds.clone());
-        let resident_memory = Gauge::default();
-        registry.register(
-            "process_resident_memory_bytes",
-            "Resident memory of the gateway process",
-            resident_memory.clone(),
-        );
-        let reloads = Family::default();
-        registry.register(
-            "config_reloads",
-            "Config and certificate reloads by result (success, failure); a failure keeps the running config",
-            reloads.clone(),
-        );
-        let last_reload = Gauge::default();
-        registry.register(
-            "config_last_reload_success_timestamp_seconds",
-            "When the config in force was loaded, Unix time",
-            last_reload.clone(),
-        );
-        last_reload.set(unix_now());
-        let draining = Gauge::default();
-        registry.register("draining", "1 while shutting down (readiness is off), else 0", draining.clone());
-        let accept_errors = Counter::default();
-        registry.register(
-            "accept_errors",
-            "Accepts that failed for lack of file descriptors or memory (the accept loop pauses and retries)",
-            accept_errors.clone(),
-        );
-        Metrics {
+        register(r, "build_info", "Build information; always 1", build_info);
+        let metrics = Metrics {
+            connections: register(
+                r,
+                "connections",
+                "Connections ended, by listener, inner SNI, caller, decision and reason",
+                Family::default(),
+            ),
+            bytes_from_client: register(
+                r,
+                "bytes_from_client",
+                "Bytes received from clients (the ClientHello included), by SNI and caller; advances while connections are open",
+                Family::default(),
+            ),
+            bytes_to_client: register(
+                r,
+                "bytes_to_client",
+                "Bytes sent to clients, by SNI and caller; advances while connections are open",
+                Family::default(),
+            ),
+            active: register(r, "active_connections", "Connections open now, by listener", Family::default()),
+            duration: register(
+                r,
+                "connection_duration_seconds",
+                "Connection lifetime from accept to close, by listener and decision",
+                histograms(duration_buckets),
+            ),
+            hello_size: register(
+                r,
+                "client_hello_size_bytes",
+                "Size of complete inner ClientHellos as received (records included)",
+                histograms(hello_buckets),
+            ),
+            dns_lookups: register(r, "dns_lookups", "DNS lookups by result (cache hits included)", Family::default()),
+            dns_cache_hits: register(
+                r,
+                "dns_cache_hits",
+                "DNS lookups answered from the gateway's cache",
+                Counter::default(),
+            ),
+            dns_duration: register(
+                r,
+                "dns_lookup_duration_seconds",
+                "DNS lookup time (cache hits included)",
+                latency_buckets(),
+            ),
+            connects: register(
+                r,
+                "upstream_connects",
+                "Upstream connection attempts per connection by result (ok, failed, timeout)",
+                Family::default(),
+            ),
+            connect_duration: register(
+                r,
+                "upstream_connect_duration_seconds",
+                "Time to an established upstream connection (every address tried)",
+                latency_buckets(),
+            ),
+            handshake_failures: register(
+                r,
+                "outer_handshake_failures",
+                "Outer mTLS handshakes that failed, by listener and reason",
+                Family::default(),
+            ),
+            alerts: register(
+                r,
+                "alerts_sent",
+                "Fatal TLS alerts sent to refused clients on the inner layer, by alert",
+                Family::default(),
+            ),
+            cert_expiry: register(
+                r,
+                "certificate_expiry_timestamp_seconds",
+                "Expiry (not after) of the gateway's outer mTLS certificate, Unix time; 0 without one",
+                Gauge::default(),
+            ),
+            open_fds: register(r, "process_open_fds", "Open file descriptors of the gateway process", Gauge::default()),
+            resident_memory: register(
+                r,
+                "process_resident_memory_bytes",
+                "Resident memory of the gateway process",
+                Gauge::default(),
+            ),
+            reloads: register(
+                r,
+                "config_reloads",
+                "Config and certificate reloads by result (success, failure); a failure keeps the running config",
+                Family::default(),
+            ),
+            last_reload: register(
+                r,
+                "config_last_reload_success_timestamp_seconds",
+                "When the config in force was loaded, Unix time",
+                Gauge::default(),
+            ),
+            draining: register(r, "draining", "1 while shutting down (readiness is off), else 0", Gauge::default()),
+            accept_errors: register(
+                r,
+                "accept_errors",
+                "Accepts that failed (the accept loop pauses and retries)",
+                Counter::default(),
+            ),
+            access_log_dropped: register(
+                r,
+                "access_log_dropped",
+                "Access records dropped because the access-log output stalled",
+                Counter::default(),
+            ),
+            log_lines_dropped: register(
+                r,
+                "log_dropped_lines",
+                "Diagnostic log lines dropped because stderr could not keep up",
+                Counter::default(),
+            ),
+            pipes_open: register(
+                r,
+                "splice_pipes",
+                "Pipes held by the zero-copy relay (in use or pooled)",
+                Gauge::default(),
+            ),
+            pipe_bytes: register(
+                r,
+                "splice_pipe_capacity_bytes",
+                "Capacity of those pipes: what the per-user pipe quota is charged",
+                Gauge::default(),
+            ),
+            pipe_resize_failures: register(
+                r,
+                "splice_pipe_resize_failures",
+                "Pipes the kernel made smaller than asked (the per-user pipe quota was reached)",
+                Counter::default(),
+            ),
+            splice_fallbacks: register(
+                r,
+                "splice_fallbacks",
+                "Bursts of passthrough bytes copied through user space because no pipe fitted the pipe quota",
+                Counter::default(),
+            ),
+            sni_cap: LabelCap::new(caps.sni_values),
+            source_cap: LabelCap::new(caps.source_values),
+            pairs: PairCap { max: caps.sni_source_pairs, seen: Mutex::default() },
+            sampling: Mutex::default(),
             registry,
-            reloads,
-            last_reload,
-            draining,
-            accept_errors,
-            connections,
-            bytes_from_client,
-            bytes_to_client,
-            active,
-            duration,
-            hello_size,
-            dns_lookups,
-            dns_cache_hits,
-            dns_duration,
-            connects,
-            connect_duration,
-            handshake_failures,
-            cert_expiry,
-            open_fds,
-            resident_memory,
-            sni_cap: LabelCap::new(max_sni_values),
-            source_cap: LabelCap::new(max_source_values),
-        }
+        };
+        metrics.last_reload.set(unix_now());
+        metrics
     }
 
     /// The labels for a connection: `sni` is the validated name, or
@@ -377,16 +506,19 @@ impl Metrics {
             // Identities are certified by the mesh CA: all may use the budget.
             Some(_) => self.source_cap.admit(&source_of(principal), true),
         };
+        // A series is a pair: past the pair cap a new pair keeps its name
+        // (the per-destination view) and loses its caller.
+        let source = if self.pairs.admit(&sni, &source) { source } else { self.source_cap.overflow.clone() };
         ConnectionKey { sni, source }
     }
 
     /// Byte counters for a connection, to advance as bytes move.
-    pub fn bytes(&self, key: &ConnectionKey) -> ByteCounters {
+    pub fn bytes(&self, key: &ConnectionKey) -> Box<ByteCounters> {
         let labels = FlowLabels { sni: key.sni.clone(), source: key.source.clone() };
-        ByteCounters {
+        Box::new(ByteCounters {
             from_client: self.bytes_from_client.get_or_create_owned(&labels),
             to_client: self.bytes_to_client.get_or_create_owned(&labels),
-        }
+        })
     }
 
     /// Counts a connection as open until the guard is dropped.
@@ -401,10 +533,11 @@ impl Metrics {
         &self,
         listener: &Arc<str>,
         key: &ConnectionKey,
-        decision: &'static str,
+        decision: Decision,
         reason: &'static str,
         lifetime: Duration,
     ) {
+        let decision = decision.as_str();
         let labels = ConnectionLabels {
             listener: listener.clone(),
             sni: key.sni.clone(),
@@ -430,10 +563,9 @@ impl Metrics {
         self.dns_duration.observe(took.as_secs_f64());
     }
 
-    /// `result`: `ok`, `failed` or `timeout`.
-    pub fn connect(&self, result: &'static str, took: Duration) {
-        self.connects.get_or_create(&ResultLabels { result }).inc();
-        if result == "ok" {
+    pub fn connect(&self, result: ConnectResult, took: Duration) {
+        self.connects.get_or_create(&ResultLabels { result: result.as_str() }).inc();
+        if result == ConnectResult::Ok {
             self.connect_duration.observe(took.as_secs_f64());
         }
     }
@@ -459,14 +591,20 @@ impl Metrics {
         self.accept_errors.inc();
     }
 
+    /// A fatal alert sent to a refused client; `name` is its description.
+    pub fn alert_sent(&self, name: &'static str) {
+        self.alerts.get_or_create(&AlertLabels { alert: name }).inc();
+    }
+
     /// The outer certificate's expiry, Unix seconds.
     pub fn certificate_expiry(&self, not_after: i64) {
         self.cert_expiry.set(not_after);
     }
 
-    /// The exposition in OpenMetrics text (`application/openmetrics-text`).
-    pub fn openmetrics(&self) -> String {
-        self.sample_process();
+    /// The exposition in OpenMetrics text (`application/openmetrics-text`);
+    /// `access_log_dropped` is the access-log writer's count so far.
+    pub fn openmetrics(&self, access_log_dropped: u64) -> String {
+        self.sample(access_log_dropped);
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -476,8 +614,8 @@ impl Metrics {
     /// The exposition in the Prometheus text format 0.0.4 (`text/plain`):
     /// the OpenMetrics text with counter families named by their `_total`
     /// samples, no `# EOF` and no `# UNIT` lines.
-    pub fn prometheus_text(&self) -> String {
-        let open = self.openmetrics();
+    pub fn prometheus_text(&self, access_log_dropped: u64) -> String {
+        let open = self.openmetrics(access_log_dropped);
         let mut counters = Vec::new();
         for line in open.lines() {
             if let Some(name) = line.strip_prefix("# TYPE ").and_then(|rest| rest.strip_suffix(" counter")) {
@@ -503,8 +641,17 @@ impl Metrics {
         out
     }
 
-    /// Open descriptors and resident memory, read from /proc at scrape time.
-    fn sample_process(&self) {
+    /// What is counted elsewhere, read at scrape time: the relay's pipes,
+    /// the writers' drops, and the process's descriptors and memory (/proc).
+    fn sample(&self, access_log_dropped: u64) {
+        let _one_at_a_time = self.sampling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let pipes = crate::relay::splice::stats();
+        self.pipes_open.set(i64::try_from(pipes.open).unwrap_or(i64::MAX));
+        self.pipe_bytes.set(i64::try_from(pipes.bytes).unwrap_or(i64::MAX));
+        catch_up(&self.pipe_resize_failures, pipes.resize_failures);
+        catch_up(&self.splice_fallbacks, pipes.fallbacks);
+        catch_up(&self.access_log_dropped, access_log_dropped);
+        catch_up(&self.log_lines_dropped, super::stderr::dropped());
         if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
             self.open_fds.set(entries.count() as i64);
         }
@@ -523,6 +670,14 @@ impl Metrics {
     /// Distinct `sni` label values in use (for tests and diagnostics).
     pub fn sni_values(&self) -> usize {
         self.sni_cap.len()
+    }
+}
+
+/// Advances `counter` to `total`, a count kept elsewhere that only grows.
+fn catch_up(counter: &Counter, total: u64) {
+    let behind = total.saturating_sub(counter.get());
+    if behind > 0 {
+        counter.inc_by(behind);
     }
 }
 
@@ -571,7 +726,7 @@ mod tests {
 
     #[test]
     fn label_derivation() {
-        let m = Metrics::new(10, 10);
+        let m = Metrics::new(Caps { sni_values: 10, source_values: 10, sni_source_pairs: 100 });
         let p = Principal::parse("spiffe://cluster.local/ns/shop/sa/cart").unwrap();
         let k = m.key(Some("api.example.com"), Some(&p), true);
         assert_eq!((&*k.sni, &*k.source), ("api.example.com", "shop/cart"));
@@ -586,17 +741,62 @@ mod tests {
 
     #[test]
     fn text_format_names_counters_by_their_samples() {
-        let m = Metrics::new(10, 10);
+        let m = Metrics::new(Caps { sni_values: 10, source_values: 10, sni_source_pairs: 100 });
         let key = m.key(Some("a.example"), None, true);
         m.bytes(&key).add_from_client(5);
-        m.finished(&"l".into(), &key, "allowed", "allowed", Duration::from_millis(3));
-        let text = m.prometheus_text();
+        m.finished(&"l".into(), &key, Decision::Allowed, "allowed", Duration::from_millis(3));
+        let text = m.prometheus_text(0);
         assert!(text.contains("# TYPE snigress_connections_total counter\n"), "{text}");
         assert!(text.contains("# HELP snigress_connections_total Connections ended"), "{text}");
         assert!(text.contains("snigress_bytes_from_client_total{sni=\"a.example\",source=\"none\"} 5\n"), "{text}");
         assert!(text.contains("# TYPE snigress_connection_duration_seconds histogram\n"), "{text}");
         assert!(!text.contains("# EOF"));
-        assert!(m.openmetrics().ends_with("# EOF\n"));
+        assert!(m.openmetrics(0).ends_with("# EOF\n"));
         assert!(text.contains("snigress_build_info{version=\""), "{text}");
+    }
+
+    /// Series of a family in an exposition: its sample lines.
+    fn series(text: &str, family: &str) -> usize {
+        text.lines().filter(|l| l.starts_with(family) && l.as_bytes().get(family.len()) == Some(&b'{')).count()
+    }
+
+    #[test]
+    fn every_family_holds_a_bounded_number_of_series() {
+        let caps = Caps { sni_values: 40, source_values: 30, sni_source_pairs: 200 };
+        let m = Metrics::new(caps);
+        let listener: Arc<str> = "l".into();
+        // 60 callers each reaching 60 names, allowed and refused: 3 600
+        // pairs, far past every cap.
+        for caller in 0..60 {
+            let p = Principal::parse(&format!("spiffe://cluster.local/ns/ns{caller}/sa/app")).unwrap();
+            for name in 0..60 {
+                let allowed = name % 2 == 0;
+                let key = m.key(Some(&format!("host{name}.example")), Some(&p), allowed);
+                m.bytes(&key).add_from_client(1);
+                let (decision, reason) =
+                    if allowed { (Decision::Allowed, "allowed") } else { (Decision::Denied, "policy_denied") };
+                m.finished(&listener, &key, decision, reason, Duration::from_millis(1));
+            }
+        }
+        let text = m.prometheus_text(0);
+        // Pairs within the cap, plus at most one overflow pair per name
+        // value (the capped names, and __overflow__ itself).
+        let bound = caps.sni_source_pairs + caps.sni_values + 1;
+        for family in ["snigress_bytes_from_client_total", "snigress_bytes_to_client_total"] {
+            let n = series(&text, family);
+            assert!(n <= bound, "{family}: {n} series > {bound}");
+        }
+        // And each pair once per (decision, reason) it met: two kinds here
+        // (names past the cap share __overflow__, allowed and refused).
+        let n = series(&text, "snigress_connections_total");
+        assert!(n <= 2 * bound, "connections: {n} series > {}", 2 * bound);
+        assert!(n > caps.sni_source_pairs, "the cap is reached, not undershot: {n}");
+        // Totals stay exact.
+        let total: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("snigress_bytes_from_client_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        assert_eq!(total, 3600.0);
     }
 }

@@ -16,15 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
+use crate::arrive::mtls::{load_certs, load_key, provider, spiffe_id};
 use crate::identity::Principal;
-use crate::mtls::{provider, spiffe_id};
-use crate::splice::{Transfer, splice};
+use crate::relay::{Transfer, copy::copy};
 
 /// ALPN an Istio sidecar offers for a TCP/TLS destination port.
 pub const ISTIO_ALPN: [&str; 2] = ["istio-peer-exchange", "istio"];
@@ -70,23 +69,13 @@ impl Sidecar {
     pub async fn bind(settings: Settings) -> Result<Sidecar, SidecarError> {
         let file_err = |path: &PathBuf| {
             let path = path.clone();
-            move |e: rustls::pki_types::pem::Error| SidecarError::File(path, e.to_string())
+            move |why: String| SidecarError::File(path, why)
         };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&settings.cert)
-            .map_err(file_err(&settings.cert))?
-            .collect::<Result<_, _>>()
-            .map_err(file_err(&settings.cert))?;
-        if certs.is_empty() {
-            return Err(SidecarError::File(settings.cert.clone(), "no CERTIFICATE block found".into()));
-        }
-        let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(file_err(&settings.key))?;
+        let certs = load_certs(&settings.cert).map_err(file_err(&settings.cert))?;
+        let key = load_key(&settings.key).map_err(file_err(&settings.key))?;
         let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&settings.ca).map_err(file_err(&settings.ca))? {
-            let cert = cert.map_err(file_err(&settings.ca))?;
+        for cert in load_certs(&settings.ca).map_err(file_err(&settings.ca))? {
             roots.add(cert).map_err(|e| SidecarError::File(settings.ca.clone(), e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(SidecarError::File(settings.ca.clone(), "no CERTIFICATE block found".into()));
         }
         let roots = Arc::new(roots);
         let builder = ClientConfig::builder_with_provider(provider())
@@ -117,15 +106,12 @@ impl Sidecar {
     /// Serves until the task is dropped.
     pub async fn serve(self) {
         let shared = Arc::new(self);
+        let mut backoff = crate::net::Backoff::default();
         loop {
-            let (app, peer) = match shared.listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "sidecar: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (app, peer) = crate::net::accept(&shared.listener, &mut backoff, |e, _| {
+                tracing::warn!(error = %e, "sidecar: accept failed");
+            })
+            .await;
             let shared = shared.clone();
             tokio::spawn(async move {
                 match shared.carry(app).await {
@@ -140,18 +126,18 @@ impl Sidecar {
     }
 
     async fn carry(&self, mut app: TcpStream) -> std::io::Result<(Transfer, &'static str)> {
-        crate::connect::tune(&app);
+        crate::net::tune(&app);
         let s = &self.settings;
         let outer = tokio::time::timeout(s.connect_timeout, async {
             let tcp = TcpStream::connect(&s.gateway).await?;
-            crate::connect::tune(&tcp);
+            crate::net::tune(&tcp);
             self.connector.connect(self.server_name.clone(), tcp).await
         })
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the gateway timed out"))??;
         let mut outer = outer;
         let transfer = Transfer::default();
-        let how = splice(&mut app, &mut outer, Vec::new(), s.idle_timeout, &transfer).await;
+        let how = copy(&mut app, &mut outer, Vec::new(), s.idle_timeout, &transfer).await;
         Ok((transfer, how.as_str()))
     }
 }

@@ -15,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::metrics::Metrics;
+use crate::observe::access_log::Sink;
+use crate::observe::metrics::Metrics;
 
 /// Largest request head accepted (request line and headers).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -34,21 +35,19 @@ pub struct Status {
     /// Every listener is bound and the config (policy, certificates) is
     /// loaded; cleared while draining.
     pub ready: Arc<AtomicBool>,
+    /// The access-log sink, whose drops are a metric.
+    pub sink: Arc<dyn Sink>,
 }
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, status: Status) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut backoff = crate::net::Backoff::default();
     loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::debug!(error = %e, "metrics endpoint: accept failed");
-                // Out of descriptors: give the proxy room instead of spinning.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, _) = crate::net::accept(&listener, &mut backoff, |e, _| {
+            tracing::debug!(error = %e, "metrics endpoint: accept failed");
+        })
+        .await;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue; // dropped: closed at once
         };
@@ -100,11 +99,11 @@ async fn answer(mut tcp: TcpStream, status: &Status) -> std::io::Result<()> {
         .unwrap_or_default();
     match path {
         "/metrics" if accept.contains("application/openmetrics-text") => {
-            let body = status.metrics.openmetrics();
+            let body = status.metrics.openmetrics(status.sink.dropped());
             respond(&mut tcp, "200 OK", OPENMETRICS, body.as_bytes(), with_body).await
         }
         "/metrics" => {
-            let body = status.metrics.prometheus_text();
+            let body = status.metrics.prometheus_text(status.sink.dropped());
             respond(&mut tcp, "200 OK", PROMETHEUS_TEXT, body.as_bytes(), with_body).await
         }
         "/healthz" => respond(&mut tcp, "200 OK", "text/plain", b"ok\n", with_body).await,

@@ -2,20 +2,21 @@
 
 use std::fmt::Write;
 
-use crate::config::{Config, ConfigError, MtlsSource};
+use crate::arrive::mtls::dev_pki;
+use crate::config::{self, Config, ConfigError, MtlsSource};
 use crate::identity::Principal;
 use crate::name::ServerName;
 use crate::policy::{Action, Decision, Match, Policy};
 
 /// Loads what `run` would load short of binding: the certificate files (or
 /// an existing dev PKI) unless `cert_files` is false (for a config whose
-/// files exist only where it is deployed). Returns a one-paragraph summary.
-pub fn validate(config: &Config, cert_files: bool) -> Result<String, ConfigError> {
-    let needs_outer = config.listeners.iter().any(|l| l.mode == crate::config::Mode::Mtls);
+/// files exist only where it is deployed). `text` and `source_name` place
+/// certificate errors in the file. Returns a one-paragraph summary.
+pub fn validate(config: &Config, text: &str, source_name: &str, cert_files: bool) -> Result<String, ConfigError> {
     let mut notes = String::new();
-    if let (Some(settings), true) = (config.outer_settings(), needs_outer) {
+    if let (Some(settings), true) = (config.outer_settings(), config.needs_mesh_tls()) {
         let dev_pki_pending = match config.mtls.as_ref().map(|m| &m.source) {
-            Some(MtlsSource::DevPki(dir)) => !dir.join(crate::devcerts::GATEWAY_CERT).exists(),
+            Some(MtlsSource::DevPki(dir)) => !dir.join(dev_pki::GATEWAY_CERT).exists(),
             _ => false,
         };
         if dev_pki_pending {
@@ -23,7 +24,7 @@ pub fn validate(config: &Config, cert_files: bool) -> Result<String, ConfigError
         } else if !cert_files {
             notes.push_str("; certificate files not read (--skip-cert-files)");
         } else {
-            crate::mtls::server_config(&settings).map_err(|e| config.material_error(&e))?;
+            crate::arrive::mtls::server_config(&settings).map_err(|e| config::locate(text, source_name, &e))?;
         }
     }
     let listeners: Vec<String> = config

@@ -9,8 +9,11 @@
 //! refuses that value and the default offers no ALPN at all.
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -19,12 +22,14 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::arrive::ClientStream;
 use crate::identity::Principal;
 
 /// The crypto provider for every TLS config in the process: aws-lc-rs, with
@@ -34,8 +39,17 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// File names of a development PKI directory (`mtls.dev_pki`, `snigress
+/// certs`): the mesh CA and the gateway's own certificate.
+pub mod dev_pki {
+    pub const CA_CERT: &str = "ca.pem";
+    pub const CA_KEY: &str = "ca.key";
+    pub const GATEWAY_CERT: &str = "gateway.pem";
+    pub const GATEWAY_KEY: &str = "gateway.key";
+}
+
 /// Where the outer layer's certificates come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaterialPaths {
     /// Gateway certificate chain (leaf first), PEM.
     pub cert: PathBuf,
@@ -44,6 +58,22 @@ pub struct MaterialPaths {
     /// Mesh root certificates that client chains must lead to, PEM; several
     /// roots are normal during a root rotation.
     pub client_ca: PathBuf,
+}
+
+impl MaterialPaths {
+    /// The files a development PKI directory gives the outer layer.
+    pub fn dev_pki(dir: &Path) -> MaterialPaths {
+        MaterialPaths {
+            cert: dir.join(dev_pki::GATEWAY_CERT),
+            key: dir.join(dev_pki::GATEWAY_KEY),
+            client_ca: dir.join(dev_pki::CA_CERT),
+        }
+    }
+
+    /// The three files, for watching and fingerprinting.
+    pub fn files(&self) -> [&Path; 3] {
+        [&self.cert, &self.key, &self.client_ca]
+    }
 }
 
 /// Which file of the material failed, and why.
@@ -79,8 +109,21 @@ pub struct OuterSettings {
     pub handshake_timeout: Duration,
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read: {e}"))
+/// Every CERTIFICATE block of a PEM file; an error when there is none.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|e| format!("invalid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no CERTIFICATE block found".into());
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("no usable private key: {e}"))
 }
 
 /// Reads and checks the material, and builds the rustls server config;
@@ -91,25 +134,14 @@ pub fn server_config(settings: &OuterSettings) -> Result<(Arc<ServerConfig>, Opt
     let key_err = |why: String| MaterialError::Key(paths.key.clone(), why);
     let ca_err = |why: String| MaterialError::ClientCa(paths.client_ca.clone(), why);
 
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&paths.cert).map_err(cert_err)?)
-        .collect::<Result<_, _>>()
-        .map_err(|e| cert_err(format!("invalid PEM: {e}")))?;
-    let Some(leaf) = chain.first() else {
-        return Err(cert_err("no CERTIFICATE block found".into()));
-    };
-    let not_after = X509Certificate::from_der(leaf).ok().map(|(_, cert)| cert.validity().not_after.timestamp());
-    let key = PrivateKeyDer::from_pem_slice(&read(&paths.key).map_err(key_err)?)
-        .map_err(|e| key_err(format!("no usable private key: {e}")))?;
-
+    let chain = load_certs(&paths.cert).map_err(cert_err)?;
+    let not_after = chain
+        .first()
+        .and_then(|leaf| X509Certificate::from_der(leaf).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp());
+    let key = load_key(&paths.key).map_err(key_err)?;
     let mut roots = RootCertStore::empty();
-    let ca_certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&read(&paths.client_ca).map_err(ca_err)?)
-            .collect::<Result<_, _>>()
-            .map_err(|e| ca_err(format!("invalid PEM: {e}")))?;
-    if ca_certs.is_empty() {
-        return Err(ca_err("no CERTIFICATE block found".into()));
-    }
-    for cert in ca_certs {
+    for cert in load_certs(&paths.client_ca).map_err(ca_err)? {
         roots.add(cert).map_err(|e| ca_err(format!("unusable root certificate: {e}")))?;
     }
 
@@ -131,6 +163,8 @@ pub fn server_config(settings: &OuterSettings) -> Result<(Arc<ServerConfig>, Opt
 /// Why a client certificate's identity was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
+    #[error("no client certificate")]
+    Missing,
     #[error("unreadable client certificate")]
     Unparsable,
     #[error("the client certificate has no SPIFFE ID (URI SAN)")]
@@ -222,7 +256,6 @@ pub struct Peer {
     pub principal: Principal,
     /// The SNI of the outer layer (for the log only).
     pub outer_sni: Option<String>,
-    pub alpn: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,9 +263,9 @@ pub enum HandshakeError {
     #[error("outer TLS handshake timed out")]
     Timeout,
     #[error("client identity refused: {0}")]
-    Identity(String),
+    Identity(#[from] IdentityError),
     #[error("outer TLS handshake failed: {0}")]
-    Failed(String),
+    Failed(#[source] io::Error),
 }
 
 impl HandshakeError {
@@ -245,29 +278,29 @@ impl HandshakeError {
     }
 }
 
-/// The outer layer: one per mTLS listener configuration.
+/// The outer mesh mTLS layer of every mtls listener: built once per config.
 #[derive(Clone)]
-pub struct Outer {
+pub struct MeshTls {
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
     /// Expiry of the gateway's certificate, Unix seconds.
     pub not_after: Option<i64>,
 }
 
-impl fmt::Debug for Outer {
+impl fmt::Debug for MeshTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Outer").field("handshake_timeout", &self.handshake_timeout).finish_non_exhaustive()
+        f.debug_struct("MeshTls").field("handshake_timeout", &self.handshake_timeout).finish_non_exhaustive()
     }
 }
 
-impl Outer {
-    pub fn new(settings: &OuterSettings) -> Result<Outer, MaterialError> {
+impl MeshTls {
+    pub fn new(settings: &OuterSettings) -> Result<MeshTls, MaterialError> {
         let (config, not_after) = server_config(settings)?;
-        Ok(Outer { acceptor: TlsAcceptor::from(config), handshake_timeout: settings.handshake_timeout, not_after })
+        Ok(MeshTls { acceptor: TlsAcceptor::from(config), handshake_timeout: settings.handshake_timeout, not_after })
     }
 
     /// Runs the outer handshake under its timeout.
-    pub async fn accept(&self, tcp: TcpStream) -> Result<(TlsStream<TcpStream>, Peer), HandshakeError> {
+    pub async fn accept(&self, tcp: TcpStream) -> Result<(MeshStream, Peer), HandshakeError> {
         let stream = tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
             .await
             .map_err(|_| HandshakeError::Timeout)?
@@ -275,26 +308,59 @@ impl Outer {
         let (_, conn) = stream.get_ref();
         // The verifier already checked the identity; this reads it again for
         // the connection (rustls keeps only the DER).
-        let principal = conn
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .ok_or_else(|| HandshakeError::Identity("no client certificate".into()))
-            .and_then(|leaf| spiffe_id(leaf).map_err(|e| HandshakeError::Identity(e.to_string())))?;
-        let peer = Peer {
-            principal,
-            outer_sni: conn.server_name().map(str::to_owned),
-            alpn: conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
-        };
-        Ok((stream, peer))
+        let leaf = conn.peer_certificates().and_then(|chain| chain.first()).ok_or(IdentityError::Missing)?;
+        let peer = Peer { principal: spiffe_id(leaf)?, outer_sni: conn.server_name().map(str::to_owned) };
+        Ok((MeshStream(stream), peer))
     }
 }
 
-fn classify(e: std::io::Error) -> HandshakeError {
+/// The decrypted stream inside the outer layer: what the front reads.
+pub struct MeshStream(TlsStream<TcpStream>);
+
+impl AsyncRead for MeshStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+impl ClientStream for MeshStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+fn classify(e: io::Error) -> HandshakeError {
     let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
     if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = tls
         && let Some(identity) = other.0.downcast_ref::<IdentityError>()
     {
-        return HandshakeError::Identity(identity.to_string());
+        return HandshakeError::Identity(identity.clone());
     }
-    HandshakeError::Failed(e.to_string())
+    HandshakeError::Failed(e)
 }

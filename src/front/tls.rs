@@ -16,10 +16,14 @@
 //! - inside, every length must add up exactly, there is at most one
 //!   server_name extension and at most one host_name in it (RFC 6066 §3).
 
+use std::io;
+use std::time::Duration;
+
 use tls_parser::{
     SNIType, TlsExtension, parse_tls_extension_sni_content, parse_tls_extension_unknown,
     parse_tls_handshake_client_hello, parse_tls_raw_record, parse_tls_record_header,
 };
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// TLS alert descriptions the gateway sends on the inner layer (RFC 8446 §6).
 pub mod alert {
@@ -82,6 +86,55 @@ impl HelloError {
             HelloError::TooLarge(_) => "client_hello_too_large",
             HelloError::Invalid(_) => "client_hello_invalid",
         }
+    }
+}
+
+/// Read size while collecting the ClientHello.
+const READ_CHUNK: usize = 4096;
+
+/// Why no complete ClientHello was read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Hello(#[from] HelloError),
+    #[error("no complete ClientHello within {after:?} ({received} bytes received)")]
+    Timeout { after: Duration, received: usize },
+    #[error("the client closed before its ClientHello was complete ({received} bytes received)")]
+    Closed { received: usize },
+    #[error("reading the ClientHello failed: {0}")]
+    Io(#[source] io::Error),
+}
+
+/// Reads from `client` into `buf` until the ClientHello is complete, at most
+/// `cap` bytes of records within `timeout`. Everything read stays in `buf`
+/// (the hello and whatever followed it in the same reads), whatever the
+/// result, so it can be replayed and counted.
+pub async fn read<S>(client: &mut S, buf: &mut Vec<u8>, cap: usize, timeout: Duration) -> Result<Hello, ReadError>
+where
+    S: AsyncRead + Unpin + ?Sized,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut reader = HelloReader::new(cap);
+    loop {
+        match reader.advance(buf)? {
+            Progress::Complete(hello) => return Ok(hello),
+            Progress::NeedMore if buf.len() < cap => {}
+            Progress::NeedMore => return Err(HelloError::TooLarge(cap).into()),
+        }
+        let old = buf.len();
+        buf.resize((old + READ_CHUNK).min(cap), 0);
+        let read = tokio::time::timeout_at(deadline, client.read(&mut buf[old..])).await;
+        let failed = match read {
+            Ok(Ok(n @ 1..)) => {
+                buf.truncate(old + n);
+                continue;
+            }
+            Ok(Ok(_)) => ReadError::Closed { received: old },
+            Ok(Err(e)) => ReadError::Io(e),
+            Err(_) => ReadError::Timeout { after: timeout, received: old },
+        };
+        buf.truncate(old);
+        return Err(failed);
     }
 }
 
@@ -237,8 +290,10 @@ fn parse_server_name(data: &[u8]) -> Result<Option<Box<[u8]>>, HelloError> {
     Ok(first)
 }
 
-/// Builders of ClientHello bytes for tests (here and in `tests/`): a real
-/// hello from rustls, and its re-framing into other record layouts.
+/// Builders of ClientHello bytes for tests (here and in `tests/`, with the
+/// `test-util` feature): minimal hellos, and the re-framing of a real one
+/// into other record layouts. Not part of the release library.
+#[cfg(any(test, feature = "test-util"))]
 #[doc(hidden)]
 pub mod testing {
     /// Splits the handshake payload of `hello` (records of type 22) into

@@ -16,13 +16,8 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::identity::Principal;
-use crate::mtls::MaterialPaths;
-
-pub const CA_CERT: &str = "ca.pem";
-pub const CA_KEY: &str = "ca.key";
-pub const GATEWAY_CERT: &str = "gateway.pem";
-pub const GATEWAY_KEY: &str = "gateway.key";
+pub use crate::arrive::mtls::dev_pki::{CA_CERT, CA_KEY, GATEWAY_CERT, GATEWAY_KEY};
+use crate::identity::{DEFAULT_TRUST_DOMAIN, Principal};
 
 /// What to put in a dev PKI.
 #[derive(Debug, Clone)]
@@ -64,17 +59,12 @@ pub enum DevCertError {
 /// '/' as '-', otherwise (so two trust domains never share a file).
 pub fn client_files(p: &Principal) -> (String, String) {
     let stem = match (p.namespace(), p.service_account()) {
-        (Some(ns), Some(sa)) if p.trust_domain() == crate::config::defaults::TRUST_DOMAIN => {
+        (Some(ns), Some(sa)) if p.trust_domain() == DEFAULT_TRUST_DOMAIN => {
             format!("client-{ns}-{sa}")
         }
         _ => format!("client-{}", p.without_scheme().replace('/', "-")),
     };
     (format!("{stem}.pem"), format!("{stem}.key"))
-}
-
-/// The files a dev PKI directory gives the outer layer.
-pub fn material_paths(dir: &Path) -> MaterialPaths {
-    MaterialPaths { cert: dir.join(GATEWAY_CERT), key: dir.join(GATEWAY_KEY), client_ca: dir.join(CA_CERT) }
 }
 
 /// Mints the PKI into `dir` (created if needed). Refuses to overwrite
@@ -205,6 +195,6 @@ mod tests {
         let pem = fs::read(dir.path().join(cert)).unwrap();
         let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem).unwrap();
         let der: rustls::pki_types::CertificateDer = der;
-        assert_eq!(crate::mtls::spiffe_id(&der).unwrap(), spire);
+        assert_eq!(crate::arrive::mtls::spiffe_id(&der).unwrap(), spire);
     }
 }

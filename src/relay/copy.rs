@@ -1,12 +1,10 @@
-//! Replay and splice: the buffered ClientHello bytes go upstream first, then
-//! bytes are copied both ways until both directions are finished.
+//! The user-space relay: the replayed bytes go upstream first, then bytes
+//! are copied both ways until both directions are finished.
 //!
-//! Half-close is propagated: when one side ends its stream (TCP FIN, or
-//! close_notify on the outer TLS layer), the gateway flushes what it holds and
-//! shuts down its write side towards the other peer, which may go on sending;
-//! a client that half-closes still receives the whole response. An error on
-//! either side ends both. The idle timeout counts from the last byte moved in
-//! either direction.
+//! When one side ends its stream (TCP FIN, or close_notify on the outer TLS
+//! layer), the gateway flushes what it holds and shuts down its write side
+//! towards the other peer, which may go on sending; a client that
+//! half-closes still receives the whole response.
 //!
 //! Both directions are driven from one task with one buffer each; nothing is
 //! spawned per connection beyond the connection's own task.
@@ -14,102 +12,19 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::ByteCounters;
+use super::{Ended, Side, Transfer};
 
 /// Size of each direction's copy buffer: one full TLS record (16 KiB of
 /// payload plus its framing), so a record is moved in one read and one write.
 /// Allocated when a read is attempted and released when the source has
 /// nothing more for now, so idle connections cost no buffer memory.
 pub const BUF_SIZE: usize = 16 * 1024 + 512;
-
-/// Bytes moved, readable while the connection is open, and forwarded to
-/// the connection's metric counters once they are attached.
-#[derive(Debug, Default)]
-pub struct Transfer {
-    from_client: AtomicU64,
-    to_client: AtomicU64,
-    live: OnceLock<ByteCounters>,
-}
-
-impl Transfer {
-    pub fn add_from_client(&self, n: usize) {
-        self.from_client.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some(live) = self.live.get() {
-            live.add_from_client(n as u64);
-        }
-    }
-
-    pub fn add_to_client(&self, n: usize) {
-        self.to_client.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some(live) = self.live.get() {
-            live.add_to_client(n as u64);
-        }
-    }
-
-    /// Starts forwarding to `counters`, after adding what moved so far.
-    /// Once only: later calls are ignored. Called from the connection's own
-    /// task, like the adds, so nothing is counted twice or lost.
-    pub fn attach(&self, counters: ByteCounters) {
-        if self.live.get().is_some() {
-            return;
-        }
-        counters.add_from_client(self.from_client());
-        counters.add_to_client(self.to_client());
-        let _ = self.live.set(counters);
-    }
-
-    /// Bytes received from the client (the ClientHello included).
-    pub fn from_client(&self) -> u64 {
-        self.from_client.load(Ordering::Relaxed)
-    }
-
-    /// Bytes written to the client.
-    pub fn to_client(&self) -> u64 {
-        self.to_client.load(Ordering::Relaxed)
-    }
-}
-
-/// How a spliced connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Termination {
-    /// Both sides finished; the client ended its stream first.
-    ClientClosed,
-    /// Both sides finished; the upstream ended its stream first.
-    UpstreamClosed,
-    /// Reading from or writing to the client failed (reset, broken pipe).
-    ClientError,
-    /// Reading from or writing to the upstream failed.
-    UpstreamError,
-    /// No byte moved in either direction for the idle timeout.
-    IdleTimeout,
-}
-
-impl Termination {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Termination::ClientClosed => "client_closed",
-            Termination::UpstreamClosed => "upstream_closed",
-            Termination::ClientError => "client_error",
-            Termination::UpstreamError => "upstream_error",
-            Termination::IdleTimeout => "idle_timeout",
-        }
-    }
-}
-
-/// Which side an I/O error came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Client,
-    Upstream,
-}
 
 /// One direction of the copy.
 struct Half {
@@ -132,13 +47,6 @@ impl Half {
         Half { cap: pending.len(), buf: pending, pos: 0, eof: false, need_flush: false, done: false, source }
     }
 
-    fn sink(&self) -> Side {
-        match self.source {
-            Side::Client => Side::Upstream,
-            Side::Upstream => Side::Client,
-        }
-    }
-
     /// Moves bytes until the source or the sink would block. `moved` is set
     /// when anything happened, for the idle timer; `Ready(Ok)` means done.
     fn poll<R, W>(
@@ -153,7 +61,7 @@ impl Half {
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
-        let (source, sink) = (self.source, self.sink());
+        let (source, sink) = (self.source, self.source.other());
         loop {
             while self.pos < self.cap {
                 let n = match ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..self.cap])) {
@@ -218,13 +126,7 @@ impl Half {
 
 /// Writes `replay` to the upstream, then copies both ways until both
 /// directions are finished, one side fails, or nothing moves for `idle`.
-pub async fn splice<C, U>(
-    client: &mut C,
-    upstream: &mut U,
-    replay: Vec<u8>,
-    idle: Duration,
-    transfer: &Transfer,
-) -> Termination
+pub async fn copy<C, U>(client: &mut C, upstream: &mut U, replay: Vec<u8>, idle: Duration, transfer: &Transfer) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -248,16 +150,14 @@ where
             if half.eof && first_eof.is_none() {
                 first_eof = Some(half.source);
             }
-            match result {
-                Poll::Ready(Err(Side::Client)) => return Poll::Ready(Termination::ClientError),
-                Poll::Ready(Err(Side::Upstream)) => return Poll::Ready(Termination::UpstreamError),
-                Poll::Ready(Ok(())) | Poll::Pending => {}
+            if let Poll::Ready(Err(side)) = result {
+                return Poll::Ready(side.failed());
             }
         }
         if up.done && down.done {
             return Poll::Ready(match first_eof {
-                Some(Side::Upstream) => Termination::UpstreamClosed,
-                _ => Termination::ClientClosed,
+                Some(Side::Upstream) => Ended::UpstreamClosed,
+                _ => Ended::ClientClosed,
             });
         }
         if moved {
@@ -269,7 +169,7 @@ where
             ready!(timer.as_mut().poll(cx));
             let deadline = last_moved + idle;
             if deadline <= Instant::now() {
-                return Poll::Ready(Termination::IdleTimeout);
+                return Poll::Ready(Ended::IdleTimeout);
             }
             timer.as_mut().reset(deadline);
         }
@@ -289,7 +189,7 @@ mod tests {
         let transfer = Transfer::default();
         transfer.add_from_client(5);
         let gateway = async {
-            splice(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), Duration::from_secs(30), &transfer).await
+            copy(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), Duration::from_secs(30), &transfer).await
         };
         // Both peers run at once: the pipes hold 64 bytes, so neither may wait
         // for the other to finish first.
@@ -310,7 +210,7 @@ mod tests {
             upstream.shutdown().await.unwrap();
         };
         let (termination, (), ()) = tokio::join!(gateway, client_side, upstream_side);
-        assert_eq!(termination, Termination::ClientClosed);
+        assert_eq!(termination, Ended::ClientClosed);
         assert_eq!(transfer.from_client(), 1005);
         assert_eq!(transfer.to_client(), 3000);
     }
@@ -321,8 +221,8 @@ mod tests {
         let (mut gw_upstream, _upstream) = duplex(64);
         let transfer = Transfer::default();
         let started = Instant::now();
-        let t = splice(&mut gw_client, &mut gw_upstream, Vec::new(), Duration::from_secs(5), &transfer).await;
-        assert_eq!(t, Termination::IdleTimeout);
+        let t = copy(&mut gw_client, &mut gw_upstream, Vec::new(), Duration::from_secs(5), &transfer).await;
+        assert_eq!(t, Ended::IdleTimeout);
         assert!(started.elapsed() >= Duration::from_secs(5));
     }
 
@@ -331,7 +231,7 @@ mod tests {
         let (mut client, mut gw_client) = duplex(64);
         let (mut gw_upstream, mut upstream) = duplex(64);
         let transfer = Transfer::default();
-        let gateway = splice(&mut gw_client, &mut gw_upstream, Vec::new(), Duration::from_secs(5), &transfer);
+        let gateway = copy(&mut gw_client, &mut gw_upstream, Vec::new(), Duration::from_secs(5), &transfer);
         let peers = async {
             for _ in 0..4 {
                 tokio::time::sleep(Duration::from_secs(3)).await;
@@ -343,7 +243,7 @@ mod tests {
             upstream.shutdown().await.unwrap();
         };
         let (t, ()) = tokio::join!(gateway, peers);
-        assert_eq!(t, Termination::ClientClosed);
+        assert_eq!(t, Ended::ClientClosed);
         assert_eq!(transfer.from_client(), 4);
     }
 
@@ -353,9 +253,9 @@ mod tests {
         let (mut gw_upstream, upstream) = duplex(64);
         drop(upstream);
         let transfer = Transfer::default();
-        let gateway = splice(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), Duration::from_secs(30), &transfer);
+        let gateway = copy(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), Duration::from_secs(30), &transfer);
         let t = gateway.await;
-        assert_eq!(t, Termination::UpstreamError);
+        assert_eq!(t, Ended::UpstreamError);
         let mut rest = Vec::new();
         drop(gw_client);
         client.read_to_end(&mut rest).await.unwrap();

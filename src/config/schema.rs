@@ -1,0 +1,329 @@
+//! The YAML schema as written: `Raw*` structs, every unknown key refused,
+//! every missing key defaulted by its struct's one `Default` impl, and scalar
+//! fields parsed as they are read (so their errors carry their location).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use serde_saphyr::{Location, Spanned};
+
+use super::{Mode, defaults};
+use crate::identity::Principal;
+use crate::observe::metrics::defaults as metric_defaults;
+use crate::policy::Pattern;
+use crate::resolve::IpFamily;
+
+/// A default value: it has no place in the file.
+fn unspanned<T>(value: T) -> Spanned<T> {
+    Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub listeners: Spanned<Vec<Spanned<RawListener>>>,
+    #[serde(default)]
+    pub mtls: Option<Spanned<RawMtls>>,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    #[serde(default)]
+    pub resolver: RawResolver,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub access_log: RawAccessLog,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    pub name: Spanned<String>,
+    pub address: Spanned<Parsed<Address>>,
+    pub mode: Spanned<Mode>,
+    #[serde(default = "default_upstream_port")]
+    pub upstream_port: Spanned<u16>,
+}
+
+fn default_upstream_port() -> Spanned<u16> {
+    unspanned(defaults::UPSTREAM_PORT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawMtls {
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub dev_pki: Option<Spanned<String>>,
+    pub trust_domains: Option<Spanned<Vec<Spanned<String>>>>,
+    pub alpn: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawPolicy {
+    pub allow: Vec<Parsed<Pattern>>,
+    pub deny: Vec<Parsed<Pattern>>,
+    pub rules: Vec<Spanned<RawRule>>,
+    pub refuse_ech: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRule {
+    pub name: Option<Spanned<String>>,
+    pub principals: Vec<Parsed<PrincipalSelector>>,
+    pub namespaces: Vec<Spanned<String>>,
+    pub service_accounts: Vec<Spanned<String>>,
+    pub allow: Vec<Parsed<Pattern>>,
+    pub deny: Vec<Parsed<Pattern>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawResolver {
+    pub nameservers: Option<Spanned<Vec<Parsed<Nameserver>>>>,
+    pub ip_family: IpFamily,
+    pub min_ttl: Spanned<Dur>,
+    pub max_ttl: Spanned<Dur>,
+    pub cache_size: u64,
+    pub allow_cidrs: Vec<Parsed<Cidr>>,
+    pub deny_cidrs: Vec<Parsed<Cidr>>,
+}
+
+impl Default for RawResolver {
+    fn default() -> Self {
+        RawResolver {
+            nameservers: None,
+            ip_family: IpFamily::default(),
+            min_ttl: unspanned(Dur(defaults::MIN_TTL)),
+            max_ttl: unspanned(Dur(defaults::MAX_TTL)),
+            cache_size: defaults::CACHE_SIZE,
+            allow_cidrs: Vec::new(),
+            deny_cidrs: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawTimeouts {
+    pub handshake: Spanned<Dur>,
+    pub client_hello: Spanned<Dur>,
+    pub dns: Spanned<Dur>,
+    pub connect: Spanned<Dur>,
+    pub connect_total: Spanned<Dur>,
+    pub idle: Spanned<Dur>,
+    pub max_lifetime: Option<Spanned<Dur>>,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            handshake: unspanned(Dur(defaults::HANDSHAKE)),
+            client_hello: unspanned(Dur(defaults::CLIENT_HELLO)),
+            dns: unspanned(Dur(defaults::DNS)),
+            connect: unspanned(Dur(defaults::CONNECT)),
+            connect_total: unspanned(Dur(defaults::CONNECT_TOTAL)),
+            idle: unspanned(Dur(defaults::IDLE)),
+            max_lifetime: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLimits {
+    pub max_connections: Spanned<usize>,
+    pub max_connections_per_source: Spanned<usize>,
+    pub client_hello_bytes: Spanned<usize>,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_connections: unspanned(defaults::MAX_CONNECTIONS),
+            max_connections_per_source: unspanned(defaults::MAX_CONNECTIONS_PER_SOURCE),
+            client_hello_bytes: unspanned(defaults::CLIENT_HELLO_BYTES),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawMetrics {
+    pub address: Option<Spanned<Parsed<Address>>>,
+    pub max_sni_values: Spanned<usize>,
+    pub max_source_values: Spanned<usize>,
+    pub max_sni_source_pairs: Spanned<usize>,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            address: None,
+            max_sni_values: unspanned(metric_defaults::MAX_SNI_VALUES),
+            max_source_values: unspanned(metric_defaults::MAX_SOURCE_VALUES),
+            max_sni_source_pairs: unspanned(metric_defaults::MAX_SNI_SOURCE_PAIRS),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAccessLog {
+    /// A file to append to; absent or "-" for stdout.
+    pub path: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawShutdown {
+    pub grace_period: Spanned<Dur>,
+    pub drain_timeout: Spanned<Dur>,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        RawShutdown {
+            grace_period: unspanned(Dur(defaults::SHUTDOWN_GRACE)),
+            drain_timeout: unspanned(Dur(defaults::DRAIN)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scalar fields validated as they are read, so errors carry their location.
+
+/// A string field parsed with `T`'s `FromStr`, whose error is the message.
+pub(super) struct Parsed<T>(pub T);
+
+impl<'de, T> Deserialize<'de> for Parsed<T>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(Parsed).map_err(de::Error::custom)
+    }
+}
+
+/// `ip:port`.
+pub(super) struct Address(pub SocketAddr);
+
+impl FromStr for Address {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse()
+            .map(Address)
+            .map_err(|_| format!("invalid address {s:?}: expected ip:port, as in 127.0.0.1:8443 or [::]:8443"))
+    }
+}
+
+/// A nameserver: `ip:port`, or `ip` for port 53.
+pub(super) struct Nameserver(pub SocketAddr);
+
+impl FromStr for Nameserver {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(Nameserver(addr));
+        }
+        s.parse::<IpAddr>()
+            .map(|ip| Nameserver(SocketAddr::new(ip, 53)))
+            .map_err(|_| format!("invalid nameserver {s:?}: expected ip or ip:port, as in 10.96.0.10:53"))
+    }
+}
+
+/// A network in CIDR notation.
+pub(super) struct Cidr(pub IpNet);
+
+impl FromStr for Cidr {
+    type Err = crate::resolve::vet::CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        crate::resolve::vet::parse_cidr(s).map(Cidr)
+    }
+}
+
+/// A principal selector: a SPIFFE ID with or without `spiffe://`, stored
+/// without it.
+pub(super) struct PrincipalSelector(pub String);
+
+impl FromStr for PrincipalSelector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let full = if s.starts_with("spiffe://") { s.to_owned() } else { format!("spiffe://{s}") };
+        Principal::parse(&full)
+            .map(|p| PrincipalSelector(p.without_scheme().to_owned()))
+            .map_err(|e| format!("invalid principal {s:?}: {e}"))
+    }
+}
+
+/// A duration: `250ms`, `10s`, `5m`, `1h`, or a number of seconds.
+#[derive(Clone, Copy)]
+pub(super) struct Dur(pub Duration);
+
+/// Longest duration any setting accepts: far beyond any sensible timeout,
+/// and small enough that `Instant + duration` can never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    };
+    d.filter(|d| *d <= MAX_DURATION)
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as 250ms, 10s, 5m or 1h")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
+                let d = Duration::from_secs(v);
+                if d > MAX_DURATION {
+                    return Err(E::custom("a duration may be at most 366 days"));
+                }
+                Ok(Dur(d))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
+                let v = u64::try_from(v).map_err(|_| E::custom("a duration cannot be negative"))?;
+                self.visit_u64(v)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+                parse_duration(v).map(Dur).ok_or_else(|| {
+                    E::custom(format!(
+                        "invalid duration {v:?}: expected a number with a unit, as in 250ms, 10s, 5m or 1h (at most 366 days)"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,352 @@
+//! From the raw schema to the validated config, one section at a time; each
+//! error names the key and points at the value.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde_saphyr::Spanned;
+
+use super::error::{ConfigError, Pos};
+use super::schema::*;
+use super::*;
+use crate::arrive::mtls::MaterialPaths;
+use crate::identity::{DEFAULT_TRUST_DOMAIN, Principal};
+use crate::observe::metrics::Caps;
+use crate::policy::{PolicySpec, RuleSpec, Selector};
+use crate::resolve::{ResolverSettings, Vetting};
+
+/// The file being validated: for error positions and relative paths.
+pub(super) struct Ctx<'a> {
+    pub source_name: &'a str,
+    pub text: &'a str,
+    pub base: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn error(&self, pos: Option<Pos>, message: String) -> ConfigError {
+        ConfigError::at(self.source_name, self.text, pos, message)
+    }
+
+    fn at<T>(&self, spanned: &Spanned<T>, message: String) -> ConfigError {
+        self.error(Pos::of(spanned), message)
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_owned() } else { self.base.join(p) }
+    }
+}
+
+pub(super) fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
+    let listeners = listeners(&raw, ctx)?;
+    let mtls = raw.mtls.as_ref().map(|m| mtls(m, ctx)).transpose()?;
+    let refuse_ech = raw.policy.refuse_ech;
+    let policy = policy(raw.policy, ctx)?;
+    let timeouts = timeouts(&raw.timeouts, ctx)?;
+    let resolver = resolver(raw.resolver, timeouts.dns, ctx)?;
+    let limits = limits(&raw.limits, ctx)?;
+    let metrics = metrics(&raw.metrics, &listeners, ctx)?;
+    let shutdown =
+        Shutdown { grace_period: raw.shutdown.grace_period.value.0, drain_timeout: raw.shutdown.drain_timeout.value.0 };
+    let access_log = match raw.access_log.path.as_deref() {
+        None | Some("-") => None,
+        Some(p) => Some(ctx.path(p)),
+    };
+    Ok(Config { listeners, mtls, policy, resolver, timeouts, limits, access_log, metrics, shutdown, refuse_ech })
+}
+
+fn listeners(raw: &RawConfig, ctx: &Ctx<'_>) -> Result<Vec<Listener>, ConfigError> {
+    if raw.listeners.value.is_empty() {
+        return Err(ctx.at(&raw.listeners, "listeners: at least one listener is needed".into()));
+    }
+    let mut listeners = Vec::new();
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    for (i, l) in raw.listeners.value.iter().enumerate() {
+        let l = &l.value;
+        let name = l.name.value.trim();
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            return Err(ctx.at(
+                &l.name,
+                format!("listeners[{i}].name: {:?} must be non-empty letters, digits, '-', '_' or '.'", l.name.value),
+            ));
+        }
+        if !names.insert(name.to_owned()) {
+            return Err(ctx.at(&l.name, format!("listeners[{i}].name: {name:?} is used by another listener")));
+        }
+        let address = l.address.value.0.0;
+        // Port 0 asks the kernel for a free port: never a clash.
+        if address.port() != 0 && !addresses.insert(address) {
+            return Err(ctx.at(&l.address, format!("listeners[{i}].address: {address} is used by another listener")));
+        }
+        if l.upstream_port.value == 0 {
+            return Err(ctx.at(&l.upstream_port, format!("listeners[{i}].upstream_port: must be 1-65535")));
+        }
+        if l.mode.value == Mode::Mtls && raw.mtls.is_none() {
+            return Err(ctx.at(
+                &l.mode,
+                format!("listeners[{i}].mode: listener {name:?} is mtls but the config has no mtls: section"),
+            ));
+        }
+        listeners.push(Listener {
+            name: name.to_owned(),
+            address,
+            mode: l.mode.value,
+            upstream_port: l.upstream_port.value,
+        });
+    }
+    Ok(listeners)
+}
+
+fn mtls(m: &Spanned<RawMtls>, ctx: &Ctx<'_>) -> Result<Mtls, ConfigError> {
+    let raw = &m.value;
+    let source = match (&raw.dev_pki, &raw.cert, &raw.key, &raw.client_ca) {
+        (Some(dir), None, None, None) => MtlsSource::DevPki(ctx.path(&dir.value)),
+        (Some(dir), ..) => {
+            return Err(ctx.at(dir, "mtls.dev_pki: use either dev_pki or cert, key and client_ca, not both".into()));
+        }
+        (None, Some(cert), Some(key), Some(ca)) => MtlsSource::Files(MaterialPaths {
+            cert: ctx.path(&cert.value),
+            key: ctx.path(&key.value),
+            client_ca: ctx.path(&ca.value),
+        }),
+        (None, cert, key, ca) => {
+            let missing: Vec<&str> = [("cert", cert), ("key", key), ("client_ca", ca)]
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| *k)
+                .collect();
+            return Err(
+                ctx.at(m, format!("mtls: missing {} (or set dev_pki: DIR for a development PKI)", missing.join(", ")))
+            );
+        }
+    };
+    let trust_domains = match &raw.trust_domains {
+        None => vec![DEFAULT_TRUST_DOMAIN.to_owned()],
+        Some(list) if list.value.is_empty() => {
+            return Err(ctx.at(list, "mtls.trust_domains: at least one trust domain is needed".into()));
+        }
+        Some(list) => {
+            let mut out = Vec::new();
+            for td in &list.value {
+                let ok = Principal::parse(&format!("spiffe://{}", td.value))
+                    .is_ok_and(|p| p.trust_domain() == td.value && p.namespace().is_none() && !td.value.contains('/'));
+                if !ok {
+                    return Err(ctx.at(
+                        td,
+                        format!(
+                            "mtls.trust_domains: {:?} is not a valid trust domain (lower-case letters, digits, '.', '-', '_')",
+                            td.value
+                        ),
+                    ));
+                }
+                out.push(td.value.clone());
+            }
+            out
+        }
+    };
+    let mut alpn = Vec::new();
+    for p in &raw.alpn {
+        if p.value == "istio-peer-exchange" {
+            return Err(ctx.at(
+                p,
+                "mtls.alpn: istio-peer-exchange must never be negotiated (the sidecar would write a metadata preamble into the stream); use [] or [istio]".into(),
+            ));
+        }
+        if p.value.is_empty() || p.value.len() > 255 {
+            return Err(ctx.at(p, "mtls.alpn: each protocol must be 1-255 bytes".into()));
+        }
+        alpn.push(p.value.clone());
+    }
+    Ok(Mtls { source, trust_domains, alpn })
+}
+
+fn policy(raw: RawPolicy, ctx: &Ctx<'_>) -> Result<PolicySpec, ConfigError> {
+    let mut rules = Vec::new();
+    let mut rule_names = HashSet::new();
+    for (i, r) in raw.rules.into_iter().enumerate() {
+        let pos = Pos::of(&r);
+        let r = r.value;
+        let name = match &r.name {
+            Some(n) => {
+                let ok =
+                    !n.value.is_empty() && n.value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+                if !ok {
+                    return Err(ctx.at(
+                        n,
+                        format!("policy.rules[{i}].name: {:?} must be letters, digits, '-', '_', '.' or '/'", n.value),
+                    ));
+                }
+                n.value.clone()
+            }
+            None => format!("rules[{i}]"),
+        };
+        if !rule_names.insert(name.clone()) {
+            return Err(ctx.error(pos, format!("policy.rules[{i}]: the name {name:?} is used by another rule")));
+        }
+        let mut from = Selector { principals: r.principals.into_iter().map(|p| p.0.0).collect(), ..Default::default() };
+        for ns in &r.namespaces {
+            if !is_k8s_name(&ns.value) {
+                return Err(ctx.at(ns, format!("policy.rules[{i}].namespaces: {:?} is not a namespace name", ns.value)));
+            }
+            from.namespaces.insert(ns.value.clone());
+        }
+        for sa in &r.service_accounts {
+            match sa.value.split_once('/') {
+                Some((ns, name)) if is_k8s_name(ns) && is_k8s_name(name) => {
+                    from.service_accounts.insert((ns.to_owned(), name.to_owned()));
+                }
+                _ => {
+                    return Err(ctx.at(
+                        sa,
+                        format!(
+                            "policy.rules[{i}].service_accounts: {:?} must be namespace/name, as in payments/checkout",
+                            sa.value
+                        ),
+                    ));
+                }
+            }
+        }
+        if from.is_empty() {
+            return Err(ctx.error(
+                pos,
+                format!("policy.rules[{i}] ({name}): select callers with principals, namespaces or service_accounts"),
+            ));
+        }
+        if r.allow.is_empty() && r.deny.is_empty() {
+            return Err(ctx.error(pos, format!("policy.rules[{i}] ({name}): the rule has no allow or deny patterns")));
+        }
+        rules.push(RuleSpec {
+            name,
+            from,
+            allow: r.allow.into_iter().map(|p| p.0).collect(),
+            deny: r.deny.into_iter().map(|p| p.0).collect(),
+        });
+    }
+    Ok(PolicySpec {
+        allow: raw.allow.into_iter().map(|p| p.0).collect(),
+        deny: raw.deny.into_iter().map(|p| p.0).collect(),
+        rules,
+    })
+}
+
+/// A Kubernetes object name (RFC 1123 label: lower-case alphanumerics and '-').
+fn is_k8s_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+fn resolver(r: RawResolver, timeout: std::time::Duration, ctx: &Ctx<'_>) -> Result<ResolverSettings, ConfigError> {
+    if r.min_ttl.value.0 > r.max_ttl.value.0 {
+        return Err(ctx.at(&r.min_ttl, "resolver.min_ttl: must not be greater than resolver.max_ttl".into()));
+    }
+    let nameservers = match r.nameservers {
+        Some(list) if list.value.is_empty() => {
+            return Err(ctx.at(
+                &list,
+                "resolver.nameservers: give at least one, or leave the key out to use the system configuration".into(),
+            ));
+        }
+        Some(list) => Some(list.value.into_iter().map(|n| n.0.0).collect()),
+        None => None,
+    };
+    Ok(ResolverSettings {
+        nameservers,
+        ip_family: r.ip_family,
+        min_ttl: r.min_ttl.value.0,
+        max_ttl: r.max_ttl.value.0,
+        cache_size: r.cache_size,
+        timeout,
+        vetting: Vetting {
+            allow_cidrs: r.allow_cidrs.into_iter().map(|c| c.0.0).collect(),
+            deny_cidrs: r.deny_cidrs.into_iter().map(|c| c.0.0).collect(),
+        },
+    })
+}
+
+fn timeouts(t: &RawTimeouts, ctx: &Ctx<'_>) -> Result<Timeouts, ConfigError> {
+    for (key, d) in [
+        ("handshake", &t.handshake),
+        ("client_hello", &t.client_hello),
+        ("dns", &t.dns),
+        ("connect", &t.connect),
+        ("connect_total", &t.connect_total),
+        ("idle", &t.idle),
+    ] {
+        if d.value.0.is_zero() {
+            return Err(ctx.at(d, format!("timeouts.{key}: must be greater than zero")));
+        }
+    }
+    let max_lifetime = match &t.max_lifetime {
+        None => None,
+        Some(d) if d.value.0.is_zero() => {
+            return Err(
+                ctx.at(d, "timeouts.max_lifetime: must be greater than zero (leave it out for no limit)".into())
+            );
+        }
+        Some(d) => Some(d.value.0),
+    };
+    Ok(Timeouts {
+        handshake: t.handshake.value.0,
+        client_hello: t.client_hello.value.0,
+        dns: t.dns.value.0,
+        connect: t.connect.value.0,
+        connect_total: t.connect_total.value.0,
+        idle: t.idle.value.0,
+        max_lifetime,
+    })
+}
+
+fn limits(l: &RawLimits, ctx: &Ctx<'_>) -> Result<Limits, ConfigError> {
+    for (key, v) in
+        [("max_connections", &l.max_connections), ("max_connections_per_source", &l.max_connections_per_source)]
+    {
+        if v.value == 0 {
+            return Err(ctx.at(v, format!("limits.{key}: must be at least 1")));
+        }
+    }
+    let hello = l.client_hello_bytes.value;
+    if !(defaults::CLIENT_HELLO_BYTES_MIN..=defaults::CLIENT_HELLO_BYTES_MAX).contains(&hello) {
+        return Err(ctx.at(
+            &l.client_hello_bytes,
+            format!(
+                "limits.client_hello_bytes: must be between {} and {}",
+                defaults::CLIENT_HELLO_BYTES_MIN,
+                defaults::CLIENT_HELLO_BYTES_MAX
+            ),
+        ));
+    }
+    Ok(Limits {
+        max_connections: l.max_connections.value,
+        max_connections_per_source: l.max_connections_per_source.value,
+        client_hello_bytes: hello,
+    })
+}
+
+fn metrics(m: &RawMetrics, listeners: &[Listener], ctx: &Ctx<'_>) -> Result<MetricsSettings, ConfigError> {
+    for (key, cap) in [
+        ("max_sni_values", &m.max_sni_values),
+        ("max_source_values", &m.max_source_values),
+        ("max_sni_source_pairs", &m.max_sni_source_pairs),
+    ] {
+        if cap.value == 0 {
+            return Err(ctx.at(cap, format!("metrics.{key}: must be at least 1")));
+        }
+    }
+    let address = m.address.as_ref().map(|a| (a, a.value.0.0));
+    if let Some((spanned, addr)) = address
+        && addr.port() != 0
+        && listeners.iter().any(|l| l.address == addr)
+    {
+        return Err(ctx.at(spanned, format!("metrics.address: {addr} is also a listener's address")));
+    }
+    Ok(MetricsSettings {
+        address: address.map(|(_, addr)| addr),
+        caps: Caps {
+            sni_values: m.max_sni_values.value,
+            source_values: m.max_source_values.value,
+            sni_source_pairs: m.max_sni_source_pairs.value,
+        },
+    })
+}

@@ -1,0 +1,423 @@
+//! How a connection ends when it is not relayed to its end: one error type
+//! for every stage, each variant with a bounded `reason` label (the access
+//! record's and the metrics' vocabulary), the `side` at fault, the
+//! `decision`, the `termination`, and how the front tells the client (a TLS
+//! alert; an HTTP status for HTTP fronts).
+//!
+//! Behaviour is chosen by matching on these variants, never by comparing
+//! labels.
+
+use crate::arrive::mtls::HandshakeError;
+use crate::connect::ConnectError;
+use crate::front::tls::{HelloError, ReadError, alert};
+use crate::name::NameError;
+use crate::policy::Match;
+use crate::relay::Ended;
+use crate::resolve::ResolveError;
+
+/// Who caused a connection to end without being relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something wrong, too much, too little or too late.
+    Client,
+    /// DNS or the destination failed.
+    Upstream,
+    /// The policy (names, addresses, ECH) refused it.
+    Policy,
+    /// The gateway itself: its limits, its shutdown, a bug.
+    Internal,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Policy => "policy",
+            Side::Internal => "internal",
+        }
+    }
+}
+
+/// The access record's `decision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    Allowed,
+    Denied,
+    Error,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Denied => "denied",
+            Decision::Error => "error",
+        }
+    }
+}
+
+/// The access record's `termination`: how the connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// A relayed connection ended by itself.
+    Relayed(Ended),
+    /// Cut by `timeouts.max_lifetime`.
+    MaxLifetime,
+    /// Cut at the end of the drain.
+    DrainTimeout,
+    /// Refused (with an alert where the client speaks TLS) and closed.
+    Refused,
+    HandshakeFailed,
+    HandshakeTimeout,
+    ClientHelloTimeout,
+    DnsTimeout,
+    ConnectTimeout,
+    /// The connection's task failed (a bug); its record says so.
+    Internal,
+}
+
+impl Termination {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Termination::Relayed(ended) => ended.as_str(),
+            Termination::MaxLifetime => "max_lifetime",
+            Termination::DrainTimeout => "drain_timeout",
+            Termination::Refused => "refused",
+            Termination::HandshakeFailed => "handshake_failed",
+            Termination::HandshakeTimeout => "handshake_timeout",
+            Termination::ClientHelloTimeout => "client_hello_timeout",
+            Termination::DnsTimeout => "dns_timeout",
+            Termination::ConnectTimeout => "connect_timeout",
+            Termination::Internal => "internal_error",
+        }
+    }
+}
+
+impl From<Ended> for Termination {
+    fn from(ended: Ended) -> Termination {
+        Termination::Relayed(ended)
+    }
+}
+
+/// Why a connection ended before (or instead of) being relayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("limits.max_connections reached")]
+    ConnectionLimit,
+    #[error("limits.max_connections_per_source reached for this client address")]
+    SourceLimit,
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error(transparent)]
+    Hello(#[from] ReadError),
+    #[error("the ClientHello has no server_name")]
+    NoSni,
+    #[error("invalid server_name: {0}")]
+    InvalidSni(#[from] NameError),
+    #[error("{}", match .0 { Some(m) => format!("deny pattern {} matched", m.label()), None => "no allow pattern matched".to_owned() })]
+    Denied(Option<Match>),
+    #[error("encrypted_client_hello present and policy.refuse_ech is on")]
+    Ech,
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("ended by timeouts.max_lifetime before its data path was set up")]
+    MaxLifetime,
+    #[error("ended by the drain before its data path was set up")]
+    Shutdown,
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl ConnError {
+    /// The bounded label of the access record's `reason` and of metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnError::ConnectionLimit => "connection_limit",
+            ConnError::SourceLimit => "source_limit",
+            ConnError::Handshake(e) => e.reason(),
+            ConnError::Hello(ReadError::Hello(e)) => e.reason(),
+            ConnError::Hello(ReadError::Timeout { .. }) => "client_hello_timeout",
+            ConnError::Hello(ReadError::Closed { .. }) => "client_closed_early",
+            ConnError::Hello(ReadError::Io(_)) => "client_error",
+            ConnError::NoSni => "no_sni",
+            ConnError::InvalidSni(_) => "invalid_sni",
+            ConnError::Denied(_) => "policy_denied",
+            ConnError::Ech => "ech_refused",
+            ConnError::Resolve(e) => e.reason(),
+            ConnError::Connect(e) => e.reason(),
+            ConnError::MaxLifetime => "max_lifetime",
+            ConnError::Shutdown => "shutdown",
+            ConnError::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self {
+            ConnError::Handshake(_) | ConnError::Hello(_) | ConnError::NoSni | ConnError::InvalidSni(_) => Side::Client,
+            ConnError::SourceLimit => Side::Client,
+            ConnError::Denied(_) | ConnError::Ech | ConnError::Resolve(ResolveError::AllRefused(_)) => Side::Policy,
+            ConnError::Resolve(_) | ConnError::Connect(_) => Side::Upstream,
+            ConnError::ConnectionLimit | ConnError::MaxLifetime | ConnError::Shutdown | ConnError::Internal(_) => {
+                Side::Internal
+            }
+        }
+    }
+
+    /// Refusals are `denied`: the gateway chose not to serve. What failed
+    /// on the way (a client that stalled, DNS, the destination, the
+    /// gateway) is an `error`.
+    pub fn decision(&self) -> Decision {
+        match self {
+            ConnError::ConnectionLimit
+            | ConnError::SourceLimit
+            | ConnError::Handshake(_)
+            | ConnError::Hello(ReadError::Hello(_))
+            | ConnError::NoSni
+            | ConnError::InvalidSni(_)
+            | ConnError::Denied(_)
+            | ConnError::Ech
+            | ConnError::Resolve(ResolveError::AllRefused(_)) => Decision::Denied,
+            ConnError::Hello(_)
+            | ConnError::Resolve(_)
+            | ConnError::Connect(_)
+            | ConnError::MaxLifetime
+            | ConnError::Shutdown
+            | ConnError::Internal(_) => Decision::Error,
+        }
+    }
+
+    pub fn termination(&self) -> Termination {
+        match self {
+            ConnError::Handshake(HandshakeError::Timeout) => Termination::HandshakeTimeout,
+            ConnError::Handshake(_) => Termination::HandshakeFailed,
+            ConnError::Hello(ReadError::Timeout { .. }) => Termination::ClientHelloTimeout,
+            ConnError::Hello(ReadError::Closed { .. }) => Termination::Relayed(Ended::ClientClosed),
+            ConnError::Hello(ReadError::Io(_)) => Termination::Relayed(Ended::ClientError),
+            ConnError::Resolve(ResolveError::Timeout) => Termination::DnsTimeout,
+            ConnError::Connect(e) if e.timed_out() => Termination::ConnectTimeout,
+            ConnError::MaxLifetime => Termination::MaxLifetime,
+            ConnError::Shutdown => Termination::DrainTimeout,
+            ConnError::Internal(_) => Termination::Internal,
+            _ => Termination::Refused,
+        }
+    }
+
+    /// The fatal TLS alert a TLS front sends before closing; `None` when the
+    /// peer does not speak TLS, has gone, or the outer layer already told it.
+    pub fn alert(&self) -> Option<u8> {
+        match self {
+            ConnError::Denied(_) | ConnError::Ech | ConnError::Resolve(ResolveError::AllRefused(_)) => {
+                Some(alert::ACCESS_DENIED)
+            }
+            ConnError::NoSni
+            | ConnError::InvalidSni(_)
+            | ConnError::Resolve(ResolveError::NxDomain | ResolveError::NoAddresses) => Some(alert::UNRECOGNIZED_NAME),
+            ConnError::Hello(ReadError::Hello(HelloError::TooLarge(_) | HelloError::Invalid(_))) => {
+                Some(alert::DECODE_ERROR)
+            }
+            ConnError::Resolve(ResolveError::Timeout | ResolveError::Failed(_)) | ConnError::Connect(_) => {
+                Some(alert::INTERNAL_ERROR)
+            }
+            ConnError::Internal(_) => Some(alert::INTERNAL_ERROR),
+            ConnError::Hello(ReadError::Hello(HelloError::NotTls) | ReadError::Timeout { .. })
+            | ConnError::Hello(ReadError::Closed { .. } | ReadError::Io(_))
+            | ConnError::ConnectionLimit
+            | ConnError::SourceLimit
+            | ConnError::Handshake(_)
+            | ConnError::MaxLifetime
+            | ConnError::Shutdown => None,
+        }
+    }
+
+    /// The status an HTTP front answers with (RFC 9110; RFC 9209 names the
+    /// matching `Proxy-Status` error types in the comments).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            // destination_not_found / dns_error
+            ConnError::Resolve(ResolveError::NxDomain | ResolveError::NoAddresses | ResolveError::Failed(_)) => 502,
+            // dns_timeout
+            ConnError::Resolve(ResolveError::Timeout) => 504,
+            ConnError::Denied(_) | ConnError::Ech | ConnError::Resolve(ResolveError::AllRefused(_)) => 403,
+            // connection_timeout / connection_refused
+            ConnError::Connect(e) if e.timed_out() => 504,
+            ConnError::Connect(_) => 502,
+            ConnError::NoSni | ConnError::InvalidSni(_) | ConnError::Hello(ReadError::Hello(_)) => 400,
+            ConnError::Hello(_) => 408,
+            ConnError::Handshake(_) => 400,
+            ConnError::SourceLimit => 429,
+            ConnError::ConnectionLimit | ConnError::MaxLifetime | ConnError::Shutdown => 503,
+            ConnError::Internal(_) => 500,
+        }
+    }
+}
+
+/// The name of a TLS alert description, for the metrics label.
+pub fn alert_name(description: u8) -> &'static str {
+    match description {
+        alert::ACCESS_DENIED => "access_denied",
+        alert::DECODE_ERROR => "decode_error",
+        alert::INTERNAL_ERROR => "internal_error",
+        alert::UNRECOGNIZED_NAME => "unrecognized_name",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_error(timed_out: bool) -> ConnectError {
+        let addr = "192.0.2.1:443".parse().unwrap();
+        let error = (!timed_out).then(|| std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        ConnectError { attempts: vec![crate::connect::Attempt { addr, error }], budget_spent: false }
+    }
+
+    /// One of every kind of end, with what the README documents for it.
+    #[test]
+    fn every_end_has_its_documented_labels() {
+        use std::time::Duration;
+        // error, reason, decision, side, termination, alert, HTTP status
+        type Case = (ConnError, &'static str, &'static str, &'static str, &'static str, Option<u8>, u16);
+        let cases: Vec<Case> = vec![
+            (ConnError::ConnectionLimit, "connection_limit", "denied", "internal", "refused", None, 503),
+            (ConnError::SourceLimit, "source_limit", "denied", "client", "refused", None, 429),
+            (
+                HandshakeError::Timeout.into(),
+                "outer_handshake_timeout",
+                "denied",
+                "client",
+                "handshake_timeout",
+                None,
+                400,
+            ),
+            (
+                HandshakeError::Identity(crate::arrive::mtls::IdentityError::NoSpiffeId).into(),
+                "identity_refused",
+                "denied",
+                "client",
+                "handshake_failed",
+                None,
+                400,
+            ),
+            (ReadError::Hello(HelloError::NotTls).into(), "not_tls", "denied", "client", "refused", None, 400),
+            (
+                ReadError::Hello(HelloError::Invalid("x")).into(),
+                "client_hello_invalid",
+                "denied",
+                "client",
+                "refused",
+                Some(alert::DECODE_ERROR),
+                400,
+            ),
+            (
+                ReadError::Hello(HelloError::TooLarge(1)).into(),
+                "client_hello_too_large",
+                "denied",
+                "client",
+                "refused",
+                Some(alert::DECODE_ERROR),
+                400,
+            ),
+            (
+                ReadError::Timeout { after: Duration::from_secs(1), received: 0 }.into(),
+                "client_hello_timeout",
+                "error",
+                "client",
+                "client_hello_timeout",
+                None,
+                408,
+            ),
+            (
+                ReadError::Closed { received: 3 }.into(),
+                "client_closed_early",
+                "error",
+                "client",
+                "client_closed",
+                None,
+                408,
+            ),
+            (ConnError::NoSni, "no_sni", "denied", "client", "refused", Some(alert::UNRECOGNIZED_NAME), 400),
+            (
+                NameError::IpLiteral.into(),
+                "invalid_sni",
+                "denied",
+                "client",
+                "refused",
+                Some(alert::UNRECOGNIZED_NAME),
+                400,
+            ),
+            (ConnError::Denied(None), "policy_denied", "denied", "policy", "refused", Some(alert::ACCESS_DENIED), 403),
+            (ConnError::Ech, "ech_refused", "denied", "policy", "refused", Some(alert::ACCESS_DENIED), 403),
+            (
+                ResolveError::AllRefused(vec![]).into(),
+                "address_refused",
+                "denied",
+                "policy",
+                "refused",
+                Some(alert::ACCESS_DENIED),
+                403,
+            ),
+            (
+                ResolveError::NxDomain.into(),
+                "dns_nxdomain",
+                "error",
+                "upstream",
+                "refused",
+                Some(alert::UNRECOGNIZED_NAME),
+                502,
+            ),
+            (
+                ResolveError::Timeout.into(),
+                "dns_timeout",
+                "error",
+                "upstream",
+                "dns_timeout",
+                Some(alert::INTERNAL_ERROR),
+                504,
+            ),
+            (
+                connect_error(true).into(),
+                "connect_timeout",
+                "error",
+                "upstream",
+                "connect_timeout",
+                Some(alert::INTERNAL_ERROR),
+                504,
+            ),
+            (
+                connect_error(false).into(),
+                "connect_failed",
+                "error",
+                "upstream",
+                "refused",
+                Some(alert::INTERNAL_ERROR),
+                502,
+            ),
+            (ConnError::MaxLifetime, "max_lifetime", "error", "internal", "max_lifetime", None, 503),
+            (ConnError::Shutdown, "shutdown", "error", "internal", "drain_timeout", None, 503),
+            (
+                ConnError::Internal("bug"),
+                "internal_error",
+                "error",
+                "internal",
+                "internal_error",
+                Some(alert::INTERNAL_ERROR),
+                500,
+            ),
+        ];
+        for (e, reason, decision, side, termination, alert, status) in cases {
+            let got = (
+                e.reason(),
+                e.decision().as_str(),
+                e.side().as_str(),
+                e.termination().as_str(),
+                e.alert(),
+                e.http_status(),
+            );
+            assert_eq!(got, (reason, decision, side, termination, alert, status), "{e:?}");
+        }
+    }
+}

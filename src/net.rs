@@ -1,0 +1,116 @@
+//! Socket helpers every part of the gateway shares: TCP tuning, and an
+//! accept that survives its errors without spinning.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream};
+
+/// TCP keepalive: long-lived egress connections often cross NATs and
+/// firewalls that forget idle flows after a few minutes.
+const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// First pause after a failed accept; doubled up to [`BACKOFF_MAX`] while
+/// accepts keep failing.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(10);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// TCP_NODELAY (the gateway relays whole TLS records; Nagle would only add
+/// latency) and keepalive. Failures are harmless and ignored.
+pub fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_TIME).with_interval(KEEPALIVE_INTERVAL);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// Errors that concern one pending connection only (it was reset or
+/// aborted before we took it): the next accept is for another one, so
+/// retrying at once cannot spin.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EPROTO | libc::EINTR | libc::EPERM))
+}
+
+/// Errors that mean "no descriptors or memory right now".
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// The pause before the next accept, across a run of failures.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// How long to wait after `e`: nothing for a per-connection error, a
+    /// growing pause for anything else (descriptors exhausted, or an error
+    /// that may well repeat and must not spin the loop).
+    pub fn after(&mut self, e: &io::Error) -> Option<Duration> {
+        if is_per_connection(e) {
+            return None;
+        }
+        let pause = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        Some(pause)
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+/// Accepts the next connection. A failure is reported to `failed` (with the
+/// pause that follows, if any), then retried after that pause; only a
+/// success returns.
+pub async fn accept(
+    listener: &TcpListener,
+    backoff: &mut Backoff,
+    mut failed: impl FnMut(&io::Error, Option<Duration>),
+) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => {
+                backoff.reset();
+                return accepted;
+            }
+            Err(e) => {
+                let pause = backoff.after(&e);
+                failed(&e, pause);
+                if let Some(pause) = pause {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_that_may_repeat_back_off_and_per_connection_ones_do_not() {
+        let mut b = Backoff::default();
+        let os = io::Error::from_raw_os_error;
+        assert_eq!(b.after(&os(libc::ECONNABORTED)), None);
+        assert_eq!(b.after(&os(libc::EMFILE)), Some(BACKOFF_MIN));
+        assert_eq!(b.after(&os(libc::EMFILE)), Some(BACKOFF_MIN * 2));
+        // Not exhaustion, not per connection: backs off as well.
+        assert_eq!(b.after(&os(libc::EINVAL)), Some(BACKOFF_MIN * 4));
+        for _ in 0..20 {
+            b.after(&os(libc::EBADF));
+        }
+        assert_eq!(b.after(&os(libc::EBADF)), Some(BACKOFF_MAX));
+        b.reset();
+        assert_eq!(b.after(&io::Error::other("unknown")), Some(BACKOFF_MIN));
+    }
+}

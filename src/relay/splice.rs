@@ -1,0 +1,338 @@
+//! The zero-copy relay for passthrough connections: when both sides are
+//! plain TCP sockets, bytes move socket → pipe → socket inside the kernel
+//! (`splice(2)`), never through user space.
+//!
+//! # Pipes and the per-user quota
+//!
+//! Linux charges pipe capacity to the user (`/proc/sys/fs/pipe-user-pages-soft`,
+//! 16 384 pages = 64 MiB by default). Past it, every new pipe of an
+//! unprivileged user gets one or two pages and `F_SETPIPE_SZ` fails: a relay
+//! that sized its pipes at 1 MiB would exhaust the quota at 64 busy
+//! directions and then move 4-8 KiB per pair of syscalls. So the pipes in
+//! existence are accounted against a budget of three quarters of the quota
+//! (the rest is left to other processes of the same user): a new pipe is
+//! [`PIPE_SIZE_LARGE`] while that keeps the pipes under a quarter of the
+//! quota, the kernel default ([`PIPE_SIZE_DEFAULT`]) up to the budget, and
+//! past that a burst moves through user space. With the default quota that
+//! is 64 large and 512 default pipes: 576 directions moving bytes at once. Refused resizes and pipes the
+//! kernel made smaller than its default are counted ([`stats`]), not ignored.
+//!
+//! A direction holds a pipe only while its source has bytes (one burst), so
+//! an idle connection holds no pipe and no extra descriptors; empty pipes go
+//! back to a small per-thread pool, so the per-chunk path takes no lock.
+//!
+//! Semantics are those of [`super::copy`]: half-close is propagated, an
+//! error on either side ends both, the idle timeout counts from the last
+//! byte moved either way, bytes are counted as they move.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice as splice2};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{Ended, Side, Transfer};
+
+/// Pipe capacity while pipes are plentiful: four times the default halves
+/// and halves again the splice calls per byte on bulk transfers, and 256
+/// such pipes still fit a quarter of the default quota.
+pub const PIPE_SIZE_LARGE: usize = 256 * 1024;
+/// The kernel's default pipe capacity (16 pages of 4 KiB).
+pub const PIPE_SIZE_DEFAULT: usize = 64 * 1024;
+/// Slots of a pipe made without `F_SETPIPE_SZ` (`PIPE_DEF_BUFFERS`).
+const DEFAULT_SLOTS: u64 = 16;
+/// Empty pipes kept for reuse on each worker thread.
+const POOL_PER_THREAD: usize = 16;
+/// Bytes moved through user space per read when no pipe is available.
+const FALLBACK_CHUNK: usize = 16 * 1024;
+
+const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+
+/// What the relay's pipes cost and how often they fell short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PipeStats {
+    /// Pipes open now (in use or pooled).
+    pub open: u64,
+    /// Their capacity in bytes: what the per-user quota is charged.
+    pub bytes: u64,
+    /// `F_SETPIPE_SZ` refused, or a new pipe smaller than the kernel default
+    /// (the per-user quota was reached, by this process or another).
+    pub resize_failures: u64,
+    /// Bursts moved through user space: no pipe could be had within the
+    /// budget, or no descriptors for one.
+    pub fallbacks: u64,
+}
+
+/// Process-wide accounting: the quota is per user, so it is shared by every
+/// connection whatever thread it runs on.
+static OPEN: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+static RESIZE_FAILURES: AtomicU64 = AtomicU64::new(0);
+static FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// The relay's pipe figures, for the metrics endpoint.
+pub fn stats() -> PipeStats {
+    PipeStats {
+        open: OPEN.load(Ordering::Relaxed),
+        bytes: BYTES.load(Ordering::Relaxed),
+        resize_failures: RESIZE_FAILURES.load(Ordering::Relaxed),
+        fallbacks: FALLBACKS.load(Ordering::Relaxed),
+    }
+}
+
+/// The per-user soft quota in bytes; `None` when the kernel sets none.
+fn quota() -> Option<u64> {
+    static QUOTA: OnceLock<Option<u64>> = OnceLock::new();
+    *QUOTA.get_or_init(|| {
+        let pages: u64 = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft").ok()?.trim().parse().ok()?;
+        (pages > 0).then(|| pages * page_size())
+    })
+}
+
+/// The page size, from the capacity of a fresh pipe (always 16 pages).
+fn page_size() -> u64 {
+    let fresh = nix::unistd::pipe2(OFlag::O_CLOEXEC).ok().and_then(|(_, w)| fcntl(&w, FcntlArg::F_GETPIPE_SZ).ok());
+    fresh.and_then(|size| u64::try_from(size).ok()).map_or(4096, |size| (size / DEFAULT_SLOTS).max(4096))
+}
+
+/// A pipe: the kernel buffer between the two sockets.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Capacity in bytes, as the kernel reports it.
+    capacity: usize,
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Pipe {
+    /// An empty pipe from this thread's pool, or a new one sized to what
+    /// the budget allows; `None` past the budget or without descriptors.
+    fn take() -> Option<Pipe> {
+        if let Some(pipe) = POOL.with(|pool| pool.borrow_mut().pop()) {
+            return Some(pipe);
+        }
+        let in_use = BYTES.load(Ordering::Relaxed);
+        let want = match quota() {
+            None => PIPE_SIZE_LARGE,
+            Some(quota) if in_use + PIPE_SIZE_LARGE as u64 <= quota / 4 => PIPE_SIZE_LARGE,
+            Some(quota) if in_use + PIPE_SIZE_DEFAULT as u64 <= quota / 4 * 3 => PIPE_SIZE_DEFAULT,
+            Some(_) => return None,
+        };
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).ok()?;
+        if want > PIPE_SIZE_DEFAULT && fcntl(&write, FcntlArg::F_SETPIPE_SZ(want as i32)).is_err() {
+            RESIZE_FAILURES.fetch_add(1, Ordering::Relaxed);
+        }
+        let capacity = fcntl(&write, FcntlArg::F_GETPIPE_SZ).ok().and_then(|c| usize::try_from(c).ok())?;
+        if capacity < PIPE_SIZE_DEFAULT {
+            RESIZE_FAILURES.fetch_add(1, Ordering::Relaxed);
+        }
+        OPEN.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(capacity as u64, Ordering::Relaxed);
+        Some(Pipe { read, write, capacity })
+    }
+
+    /// Back to this thread's pool; only ever called when the pipe is empty.
+    fn give(self) {
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOL_PER_THREAD {
+                pool.push(self);
+            }
+        });
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+        BYTES.fetch_sub(self.capacity as u64, Ordering::Relaxed);
+    }
+}
+
+/// Shared between the two directions of one connection.
+struct Progress<'a> {
+    transfer: &'a Transfer,
+    started: Instant,
+    /// Milliseconds after `started` of the last byte moved.
+    last_ms: AtomicU64,
+    /// Which side ended its stream first: 0 none, 1 client, 2 upstream.
+    first_eof: AtomicU8,
+}
+
+impl Progress<'_> {
+    fn moved(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// `n` bytes read from `source`; counted when it is the client.
+    fn read_from(&self, source: Side, n: usize) {
+        self.moved();
+        if source == Side::Client {
+            self.transfer.add_from_client(n);
+        }
+    }
+
+    /// `n` bytes written to `sink`; counted when it is the client.
+    fn wrote_to(&self, sink: Side, n: usize) {
+        self.moved();
+        if sink == Side::Client {
+            self.transfer.add_to_client(n);
+        }
+    }
+}
+
+/// Writes `replay` to the upstream, then moves bytes both ways with
+/// `splice(2)` until both directions are finished, one side fails, or
+/// nothing moves for `idle`.
+pub async fn splice(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    replay: Vec<u8>,
+    idle: Duration,
+    transfer: &Transfer,
+) -> Ended {
+    // An upstream that never opens its window must not hold this forever.
+    match tokio::time::timeout(idle, write_all(upstream, &replay)).await {
+        Err(_) => return Ended::IdleTimeout,
+        Ok(Err(_)) => return Ended::UpstreamError,
+        Ok(Ok(())) => {}
+    }
+    drop(replay);
+    let progress =
+        Progress { transfer, started: Instant::now(), last_ms: AtomicU64::new(0), first_eof: AtomicU8::new(0) };
+    let both = async {
+        tokio::try_join!(
+            pump(client, upstream, Side::Client, &progress),
+            pump(upstream, client, Side::Upstream, &progress)
+        )
+    };
+    let idle_watch = async {
+        loop {
+            let last = progress.started + Duration::from_millis(progress.last_ms.load(Ordering::Relaxed));
+            tokio::time::sleep_until(last + idle).await;
+            let last = progress.started + Duration::from_millis(progress.last_ms.load(Ordering::Relaxed));
+            if last + idle <= Instant::now() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        result = both => match result {
+            Ok(_) if progress.first_eof.load(Ordering::Relaxed) == 2 => Ended::UpstreamClosed,
+            Ok(_) => Ended::ClientClosed,
+            Err(side) => side.failed(),
+        },
+        () = idle_watch => Ended::IdleTimeout,
+    }
+}
+
+/// How a burst ended.
+enum Burst {
+    /// The source has nothing more for now; the pipe is empty.
+    Drained,
+    /// The source ended its stream; the pipe is empty.
+    Eof,
+}
+
+/// One direction, `from` → `to`, until `from` ends its stream.
+async fn pump(from: &TcpStream, to: &TcpStream, source: Side, progress: &Progress<'_>) -> Result<(), Side> {
+    loop {
+        from.readable().await.map_err(|_| source)?;
+        let burst = match Pipe::take() {
+            Some(pipe) => {
+                // On an error the pipe may hold bytes: it is closed, not reused.
+                let burst = burst(from, to, &pipe, source, progress).await?;
+                pipe.give();
+                burst
+            }
+            None => {
+                FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                copy_chunk(from, to, source, progress).await?
+            }
+        };
+        if let Burst::Eof = burst {
+            let code = if source == Side::Client { 1 } else { 2 };
+            let _ = progress.first_eof.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+            progress.moved();
+            return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write).map_err(|_| source.other());
+        }
+    }
+}
+
+/// Moves bytes through `pipe` while `from` has them.
+async fn burst(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    source: Side,
+    progress: &Progress<'_>,
+) -> Result<Burst, Side> {
+    let sink = source.other();
+    loop {
+        let read = from.try_io(Interest::READABLE, || {
+            splice2(from.as_fd(), None, pipe.write.as_fd(), None, pipe.capacity, FLAGS).map_err(io::Error::from)
+        });
+        let n = match read {
+            Ok(0) => return Ok(Burst::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(_) => return Err(source),
+        };
+        progress.read_from(source, n);
+        let mut left = n;
+        while left > 0 {
+            to.writable().await.map_err(|_| sink)?;
+            let written = to.try_io(Interest::WRITABLE, || {
+                splice2(pipe.read.as_fd(), None, to.as_fd(), None, left, FLAGS).map_err(io::Error::from)
+            });
+            match written {
+                // Bytes are in the pipe: a ready socket that takes none is broken.
+                Ok(0) => return Err(sink),
+                Ok(m) => {
+                    left -= m;
+                    progress.wrote_to(sink, m);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(sink),
+            }
+        }
+    }
+}
+
+/// Moves one chunk through a buffer, for when no pipe can be had.
+async fn copy_chunk(from: &TcpStream, to: &TcpStream, source: Side, progress: &Progress<'_>) -> Result<Burst, Side> {
+    let mut buf = vec![0u8; FALLBACK_CHUNK];
+    let n = match from.try_read(&mut buf) {
+        Ok(0) => return Ok(Burst::Eof),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+        Err(_) => return Err(source),
+    };
+    progress.read_from(source, n);
+    write_all(to, &buf[..n]).await.map_err(|_| source.other())?;
+    progress.wrote_to(source.other(), n);
+    Ok(Burst::Drained)
+}
+
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        match to.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
