@@ -269,3 +269,112 @@ fn sighup_reloads_and_a_second_signal_exits_at_once() {
     let status = running.exit_status();
     assert_eq!(status.code(), Some(128 + 15), "{status:?}");
 }
+
+#[test]
+fn an_invalid_log_level_is_a_usage_error() {
+    let out = snigress(&["--log-level", "snigress=loud", "check", "--config", "config/local.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("invalid log filter"), "{}", text(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_snigress"))
+        .args(["check", "--config", "config/local.yaml"])
+        .env("SNIGRESS_LOG", "=")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "the environment variable too: {}", text(&out.stderr));
+}
+
+/// `Max open files` of a process: (soft, hard).
+fn fd_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files line");
+    let numbers: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    (numbers[0], numbers[1])
+}
+
+#[test]
+fn a_low_soft_descriptor_limit_is_raised_and_a_low_hard_one_is_reported() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(dir.path(), "c.yaml", "listeners:\n  - {name: pt, address: 127.0.0.1:0, mode: passthrough}\n");
+    let under = |limits: &str| {
+        let script = format!("{limits} && exec '{}' run --config '{config}'", env!("CARGO_BIN_EXE_snigress"));
+        Running::with_command(Command::new("sh").args(["-c", &script]))
+    };
+
+    // A shell's 1 024 (here 256) soft limit under a high hard limit.
+    let (_, hard) = fd_limits(std::process::id());
+    let running = under("ulimit -Sn 256");
+    running.diag("listening");
+    assert_eq!(fd_limits(running.child.id()), (hard, hard), "the soft limit is raised to the hard one");
+    drop(running);
+
+    // A hard limit too low for limits.max_connections (10 000 by default).
+    let running = under("ulimit -Sn 256 && ulimit -Hn 512");
+    let warning = json(&running.diag("open-file limit cannot hold"));
+    assert_eq!(warning["level"], "WARN");
+    assert_eq!(warning["fields"]["limit"], 512);
+    assert_eq!(warning["fields"]["needed"], 2 * 10_000 + 256);
+    running.diag("listening");
+    assert_eq!(fd_limits(running.child.id()), (512, 512));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_nobody_reads_never_stalls_connections() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "c.yaml",
+        "listeners:\n  - {name: mesh, address: 127.0.0.1:0, mode: mtls}\nmtls:\n  dev_pki: pki\nmetrics:\n  address: 127.0.0.1:0\naccess_log:\n  path: access.log\n",
+    );
+    // Trace level: every outer handshake writes dozens of diagnostic lines.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snigress"))
+        .args(["--log-level", "trace", "run", "--config", &config])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let (mut metrics, mut mesh) = (None, None);
+    while metrics.is_none() || mesh.is_none() {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut stderr, &mut line).expect("stderr") > 0, "exited early");
+        if line.contains("serving /metrics") {
+            metrics = json(&line)["fields"]["address"].as_str().map(|a| a.parse::<SocketAddr>().expect("addr"));
+        } else if line.contains("\"listening\"") {
+            mesh = json(&line)["fields"]["address"].as_str().map(|a| a.parse::<SocketAddr>().expect("addr"));
+        }
+    }
+    let (metrics, mesh) = (metrics.expect("metrics"), mesh.expect("listener"));
+    // From here on nobody reads stderr: its pipe fills within a few hundred
+    // lines. Handshakes go on until lines are being dropped, and after.
+    let pki = dir.path().join("pki");
+    let roots = {
+        let mut store = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::pem::PemObject::pem_file_iter(pki.join("ca.pem")).expect("CA") {
+            store.add(c.expect("cert")).expect("root");
+        }
+        std::sync::Arc::new(store)
+    };
+    let identity = || {
+        let certs = rustls::pki_types::pem::PemObject::pem_file_iter(pki.join("client-default-sleep.pem"))
+            .expect("cert")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certs");
+        (certs, rustls::pki_types::pem::PemObject::from_pem_file(pki.join("client-default-sleep.key")).expect("key"))
+    };
+    let mut handshakes = 0;
+    let mut dropped = 0.0;
+    within("handshakes while stderr is blocked", async {
+        while dropped == 0.0 || handshakes < 200 {
+            for _ in 0..50 {
+                outer_connect(mesh, &roots, Some(identity()), &[]).await.expect("outer handshake");
+                handshakes += 1;
+            }
+            dropped = sum(&scrape(metrics).await, "snigress_log_dropped_lines_total", &[]);
+        }
+    })
+    .await;
+    println!("{handshakes} handshakes, {dropped} diagnostic lines dropped");
+    assert!(handshakes <= 20_000, "lines are dropped, not queued without bound");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -321,7 +321,9 @@ async fn ech_is_flagged_and_optionally_refused() {
 
     let text = h.config_with(&Options::default()).replacen("policy:\n", "policy:\n  refuse_ech: true\n", 1);
     h.write_config(&text);
-    assert!(h.reloader.reload("test").is_ok_and(|applied| applied), "refuse_ech applied");
+    // The file watcher may apply it first; either way it is applied once.
+    assert!(h.reloader.reload("test").is_ok(), "refuse_ech is valid");
+    h.wait_metric("snigress_config_reloads_total", &[("result", "success")], 1.0).await;
     let mut tcp = TcpStream::connect(h.addr("passthrough-capture")).await.expect("connect");
     tcp.write_all(&ech).await.expect("write");
     let (got, _) = within("ech refused", read_all(&mut tcp)).await;
@@ -386,4 +388,143 @@ async fn dns_and_connect_timeouts() {
     let r = within("record", records.recv()).await.expect("record");
     assert_eq!((r.decision, r.reason, r.termination), ("error", "connect_timeout", "connect_timeout"));
     drop((full, fillers));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_written_beside_the_config_cause_no_reload() {
+    let h = Harness::start().await;
+    let dir = h.config_path.parent().expect("config dir").to_owned();
+    // An access log and a scratch file beside the config, written for longer
+    // than a debounced burst lasts (MAX_DEBOUNCE + DEBOUNCE).
+    let window = snigress::gateway::reload::MAX_DEBOUNCE + snigress::gateway::reload::DEBOUNCE * 2;
+    let started = std::time::Instant::now();
+    let mut line = 0;
+    while started.elapsed() < window {
+        use std::io::Write as _;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("access.log")).expect("log");
+        writeln!(log, "{{\"line\":{line}}}").expect("append");
+        std::fs::write(dir.join("scratch.tmp"), line.to_string()).expect("scratch");
+        line += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.reloader.attempts(), 0, "{line} writes beside the config started a reload");
+    // The watcher itself works: a change to the config is applied.
+    h.write_config(&h.config_with(&allowing("[b.allowed.test]")));
+    h.wait_metric("snigress_config_reloads_total", &[("result", "success")], 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_made_before_the_watch_starts_is_not_lost() {
+    let dns = Dns::start(ZONE).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("c.yaml");
+    let text = |allow: &str| {
+        format!(
+            "listeners:\n  - {{name: pt, address: 127.0.0.1:0, mode: passthrough}}\npolicy:\n  allow: [{allow}]\nresolver:\n  nameservers: [\"{}\"]\n",
+            dns.addr
+        )
+    };
+    let parsed = text("a.allowed.test");
+    std::fs::write(&path, &parsed).expect("write");
+    let config = snigress::config::Config::load(&path).expect("config");
+    let gateway = snigress::gateway::Gateway::bind(&config, std::sync::Arc::new(Discard)).await.expect("bind");
+    // Edited after it was parsed, before the reloader starts.
+    std::fs::write(&path, text("b.allowed.test")).expect("edit");
+    let reloader = gateway.reloader(path.clone(), &parsed);
+    assert!(reloader.reload("test").expect("valid"), "the edit is a change to apply");
+    assert!(!reloader.reload("test").expect("valid"), "and once applied, nothing changes");
+}
+
+/// Records go nowhere.
+struct Discard;
+
+impl snigress::observe::access_log::Sink for Discard {
+    fn emit(&self, _: Record) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_dns_cache_unless_the_resolver_changes() {
+    let h = Harness::start().await;
+    within("first", through_passthrough(&h, "a.allowed.test")).await.expect("allowed");
+    let hits = || async { sum(&scrape(h.metrics_addr).await, "snigress_dns_cache_hits_total", &[]) };
+    assert_eq!(hits().await, 0.0);
+
+    // A policy change: the resolver and its cache are kept.
+    h.write_config(&h.config_with(&allowing("[\"*.allowed.test\", b.team.test]")));
+    h.wait_metric("snigress_config_reloads_total", &[("result", "success")], 1.0).await;
+    within("after a policy reload", through_passthrough(&h, "a.allowed.test")).await.expect("allowed");
+    assert_eq!(hits().await, 1.0, "answered from the cache kept across the reload");
+
+    // A resolver change: a new resolver, a cold cache.
+    let changed = h.config_with(&Options::default()).replace("resolver:\n", "resolver:\n  min_ttl: 1s\n");
+    h.write_config(&changed);
+    h.wait_metric("snigress_config_reloads_total", &[("result", "success")], 2.0).await;
+    within("after a resolver reload", through_passthrough(&h, "a.allowed.test")).await.expect("allowed");
+    assert_eq!(hits().await, 1.0, "a changed resolver starts cold");
+}
+
+/// Listeners on `ips` (same port) whose accept queues are full, so further
+/// connection attempts to them hang: black holes on loopback.
+async fn black_holes(ips: &[std::net::Ipv4Addr]) -> (u16, Vec<tokio::net::TcpListener>, Vec<TcpStream>) {
+    let first = tokio::net::TcpSocket::new_v4().expect("socket");
+    first.bind(std::net::SocketAddr::new(ips[0].into(), 0)).expect("bind");
+    let port = first.local_addr().expect("addr").port();
+    let mut listeners = vec![first.listen(1).expect("listen")];
+    for ip in &ips[1..] {
+        let s = tokio::net::TcpSocket::new_v4().expect("socket");
+        s.bind(std::net::SocketAddr::new((*ip).into(), port)).expect("bind the same port");
+        listeners.push(s.listen(1).expect("listen"));
+    }
+    let mut fillers = Vec::new();
+    for ip in ips {
+        for _ in 0..8 {
+            // Some of these connects hang themselves: bound them.
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect((*ip, port))).await {
+                fillers.push(s);
+            }
+        }
+    }
+    (port, listeners, fillers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_is_bounded_by_a_total_budget_whatever_the_addresses() {
+    let ips: Vec<std::net::Ipv4Addr> = (21..25).map(|d| std::net::Ipv4Addr::new(127, 0, 0, d)).collect();
+    let (port, _listeners, _fillers) = black_holes(&ips).await;
+    let dns = Dns::start(&[("slow.allowed.test", &ips[..])]).await;
+    let (addr, mut records) =
+        small_gateway(dns.addr, port, "timeouts:\n  connect: 1s\n  connect_total: 1500ms\n").await;
+    let internet = Internet::new();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let asked = std::time::Instant::now();
+    let e = within("connect budget", inner_connect(tcp, "slow.allowed.test", internet.roots.clone())).await.map(|_| ());
+    let took = asked.elapsed();
+    assert_eq!(alert_of(&e.expect_err("refused")), Some(AlertDescription::InternalError));
+    // Four addresses at 1 s each would be 4 s; the budget ends it at 1.5 s.
+    assert!(took >= Duration::from_millis(1400) && took < Duration::from_millis(3000), "{took:?}");
+    let r = within("record", records.recv()).await.expect("record");
+    assert_eq!(
+        (r.decision, r.reason, r.side, r.termination),
+        ("error", "connect_timeout", Some("upstream"), "connect_timeout")
+    );
+    // The first address took 1 s, the second the rest: it is the last tried.
+    assert_eq!(r.upstream_addr, Some(std::net::SocketAddr::new(ips[1].into(), port)));
+    assert!(r.detail.as_deref().is_some_and(|d| d.contains("connect_total")), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_names_the_last_address_tried_and_counts_the_alert() {
+    // Ten addresses where nothing listens: refused at once; eight are tried.
+    let ips: Vec<std::net::Ipv4Addr> = (31..41).map(|d| std::net::Ipv4Addr::new(127, 0, 0, d)).collect();
+    let dns = Dns::start(&[("closed.allowed.test", &ips[..])]).await;
+    let (addr, mut records) = small_gateway(dns.addr, 9, "").await;
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    let hello = client_hello("closed.allowed.test");
+    tcp.write_all(&hello).await.expect("write");
+    let (got, _) = within("refused", read_all(&mut tcp)).await;
+    assert_eq!(got, snigress::front::tls::alert::record(snigress::front::tls::alert::INTERNAL_ERROR));
+    let r = within("record", records.recv()).await.expect("record");
+    assert_eq!(r.reason, "connect_failed");
+    assert_eq!(r.upstream_addr, Some(std::net::SocketAddr::new(ips[7].into(), 9)), "the 8th, not the 10th");
+    assert_eq!((r.bytes_from_client, r.bytes_to_client), (hello.len() as u64, got.len() as u64));
 }

@@ -245,4 +245,52 @@ mod tests {
         assert_eq!(printable(b"a b\0\xff"), "a\\x20b\\x00\\xff");
         assert_eq!(printable(&[b'a'; 400]).len(), 300);
     }
+
+    /// An output that never takes a byte: a stalled stdout pipe.
+    struct Stalled;
+
+    impl Write for Stalled {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            loop {
+                std::thread::park();
+            }
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_output_drops_and_counts_records_instead_of_growing() {
+        let log = JsonLines::spawn(Box::new(Stalled));
+        let record = Record {
+            start_time: rfc3339(std::time::UNIX_EPOCH),
+            duration_ms: 0,
+            listener: "l".into(),
+            mode: "passthrough",
+            client_addr: "127.0.0.1:1".parse().unwrap(),
+            outer_sni: None,
+            principal: None,
+            namespace: None,
+            service_account: None,
+            sni: None,
+            ech: false,
+            decision: "denied",
+            reason: "not_tls",
+            side: Some("client"),
+            matched_rule: None,
+            upstream_addr: None,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+            termination: "refused",
+            detail: None,
+        };
+        // The writer holds at most one batch while it is stuck, the queue at
+        // most MAX_QUEUED: everything past both is dropped and counted.
+        for _ in 0..2 * MAX_QUEUED + 10 {
+            log.emit(record.clone());
+        }
+        assert!(log.dropped() >= 10, "{}", log.dropped());
+    }
 }

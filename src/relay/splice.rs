@@ -336,3 +336,21 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The relay's pipe budget seen from outside, for the integration tests
+/// (`test-util` feature): not part of the release library.
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod testing {
+    /// Takes `n` pipes at once, as `n` busy directions would, and returns
+    /// each one's capacity (0: none could be had within the budget).
+    pub fn take_at_once(n: usize) -> Vec<usize> {
+        let pipes: Vec<Option<super::Pipe>> = (0..n).map(|_| super::Pipe::take()).collect();
+        pipes.iter().map(|p| p.as_ref().map_or(0, |p| p.capacity)).collect()
+    }
+
+    /// The per-user quota as this process reads it, in bytes.
+    pub fn quota() -> Option<u64> {
+        super::quota()
+    }
+}

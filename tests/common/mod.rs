@@ -688,12 +688,14 @@ impl Running {
 
     /// `snigress` with any arguments.
     pub fn with_args(args: &[&str]) -> Running {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_snigress"))
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        Running::with_command(std::process::Command::new(env!("CARGO_BIN_EXE_snigress")).args(args))
+    }
+
+    /// Any command that ends up running `snigress` (a shell setting limits
+    /// first, say).
+    pub fn with_command(command: &mut std::process::Command) -> Running {
+        let mut child =
+            command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
         let lines = |pipe: Box<dyn std::io::Read + Send>| {
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
@@ -772,4 +774,25 @@ pub async fn join_all<F: std::future::Future>(futures: Vec<std::pin::Pin<Box<F>>
     })
     .await;
     out.into_iter().map(|v| v.expect("completed")).collect()
+}
+
+/// Raises this process's soft open-file limit to at least `needed` (up to
+/// the hard limit; children inherit it). `Err` says why it cannot, for a
+/// test to skip with.
+pub fn raise_fd_limit(needed: u64) -> Result<(), String> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit: {e}"))?;
+    if soft >= needed {
+        return Ok(());
+    }
+    if hard < needed {
+        return Err(format!("needs {needed} open files, the hard limit is {hard} (raise it with ulimit -Hn)"));
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, needed, hard).map_err(|e| format!("setrlimit to {needed}: {e}"))
+}
+
+/// Whether this process runs with effective uid 0 (from /proc, no unsafe).
+pub fn is_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1)) == Some("0")
 }
