@@ -193,8 +193,8 @@ impl Recorder {
             side,
             matched_rule: facts.matched_rule.take(),
             upstream_addr: facts.upstream_addr,
-            bytes_from_client: self.transfer.from_client(),
-            bytes_to_client: self.transfer.to_client(),
+            bytes_from_client: self.transfer.bytes_from_client(),
+            bytes_to_client: self.transfer.bytes_to_client(),
             termination: termination.as_str(),
             detail,
         };

@@ -27,7 +27,7 @@ use crate::observe::admin;
 use crate::observe::metrics::Metrics;
 use crate::state::{Process, Snapshot, StartError};
 
-pub mod accept;
+mod accept;
 pub mod reload;
 
 use reload::Reloader;

@@ -40,7 +40,7 @@ pub mod cli;
 pub mod config;
 mod conn;
 mod connect;
-pub mod destination;
+mod destination;
 pub mod error;
 pub mod front;
 pub mod gateway;

@@ -51,8 +51,9 @@ impl Pattern {
         Ok(Pattern { wildcard, name })
     }
 
-    /// Whether this single pattern matches `name` (the trie gives the same
-    /// answer; this is the reference used in tests and explanations).
+    /// Whether this single pattern matches `name`: the reference the trie's
+    /// answers are tested against (not used on the data path).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn matches(&self, name: &ServerName) -> bool {
         if !self.wildcard {
             return self.name == *name;

@@ -15,7 +15,7 @@ pub mod copy;
 pub mod splice;
 
 /// Where byte counts go live, once a connection's metric labels are known.
-pub trait Meter: Send + Sync {
+pub(crate) trait Meter: Send + Sync {
     fn add_from_client(&self, n: u64);
     fn add_to_client(&self, n: u64);
 }
@@ -23,7 +23,7 @@ pub trait Meter: Send + Sync {
 /// Bytes moved, readable while the connection is open, and forwarded to
 /// the connection's [`Meter`] once it is attached.
 #[derive(Default)]
-pub struct Transfer {
+pub(crate) struct Transfer {
     from_client: AtomicU64,
     to_client: AtomicU64,
     live: OnceLock<Box<dyn Meter>>,
@@ -51,18 +51,18 @@ impl Transfer {
         if self.live.get().is_some() {
             return;
         }
-        meter.add_from_client(self.from_client());
-        meter.add_to_client(self.to_client());
+        meter.add_from_client(self.bytes_from_client());
+        meter.add_to_client(self.bytes_to_client());
         let _ = self.live.set(meter);
     }
 
     /// Bytes received from the client (everything the front read included).
-    pub fn from_client(&self) -> u64 {
+    pub fn bytes_from_client(&self) -> u64 {
         self.from_client.load(Ordering::Relaxed)
     }
 
     /// Bytes written to the client.
-    pub fn to_client(&self) -> u64 {
+    pub fn bytes_to_client(&self) -> u64 {
         self.to_client.load(Ordering::Relaxed)
     }
 }
@@ -70,8 +70,8 @@ impl Transfer {
 impl std::fmt::Debug for Transfer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transfer")
-            .field("from_client", &self.from_client())
-            .field("to_client", &self.to_client())
+            .field("from_client", &self.bytes_from_client())
+            .field("to_client", &self.bytes_to_client())
             .finish_non_exhaustive()
     }
 }

@@ -347,20 +347,8 @@ async fn a_stderr_nobody_reads_never_stalls_connections() {
     // From here on nobody reads stderr: its pipe fills within a few hundred
     // lines. Handshakes go on until lines are being dropped, and after.
     let pki = dir.path().join("pki");
-    let roots = {
-        let mut store = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::pem::PemObject::pem_file_iter(pki.join("ca.pem")).expect("CA") {
-            store.add(c.expect("cert")).expect("root");
-        }
-        std::sync::Arc::new(store)
-    };
-    let identity = || {
-        let certs = rustls::pki_types::pem::PemObject::pem_file_iter(pki.join("client-default-sleep.pem"))
-            .expect("cert")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("certs");
-        (certs, rustls::pki_types::pem::PemObject::from_pem_file(pki.join("client-default-sleep.key")).expect("key"))
-    };
+    let roots = roots_from(&pki.join("ca.pem"));
+    let identity = || load_pair(&pki.join("client-default-sleep.pem"), &pki.join("client-default-sleep.key"));
     let mut handshakes = 0;
     let mut dropped = 0.0;
     within("handshakes while stderr is blocked", async {

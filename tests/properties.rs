@@ -1,6 +1,8 @@
 //! Property tests: whatever bytes, names or YAML arrive, the parsers end in
-//! a result (never a panic), and the ClientHello reader never asks for more
-//! than its cap.
+//! a result (never a panic), the ClientHello reader never asks for more
+//! than its cap and a complete hello lies within what was fed, a validated
+//! name validates to itself again, and the policy's trie decides as the
+//! one-pattern-at-a-time reference does.
 
 use std::path::Path;
 
@@ -10,7 +12,7 @@ use snigress::front::tls::testing::{hello_for, refragment};
 use snigress::front::tls::{HelloReader, Progress};
 use snigress::identity::Principal;
 use snigress::name::ServerName;
-use snigress::policy::{Pattern, Policy, PolicySpec};
+use snigress::policy::{Decision, Pattern, Policy, PolicySpec};
 
 const CAP: usize = 4096;
 
@@ -23,6 +25,10 @@ fn feed(bytes: &[u8], step: usize) -> Result<Progress, snigress::front::tls::Hel
         end = (end + step.max(1)).min(bytes.len());
         let progress = reader.advance(&bytes[..end]);
         match &progress {
+            Ok(Progress::Complete(hello)) => {
+                assert!(hello.len <= end && hello.len <= CAP, "a hello of {} bytes from {end} fed", hello.len);
+                return progress;
+            }
             Ok(Progress::NeedMore) if end < bytes.len() => continue,
             Ok(Progress::NeedMore) => {
                 assert!(end < CAP, "asked for more past the cap ({end} bytes)");
@@ -102,8 +108,22 @@ proptest! {
         let policy = Policy::compile(&spec);
         let principal = Principal::parse("spiffe://cluster.local/ns/a/sa/b").ok();
         for name in [ServerName::from_bytes(&raw), ServerName::parse(&text)].into_iter().flatten() {
-            let _ = policy.decide(&name, principal.as_ref());
-            let _ = policy.decide(&name, None);
+            prop_assert_eq!(ServerName::parse(name.as_str()), Ok(name.clone()), "normalised once, stable after");
+            let allowed = matches!(policy.decide(&name, principal.as_ref()), Decision::Allowed(_));
+            let reference =
+                spec.allow.iter().any(|p| p.matches(&name)) && !spec.deny.iter().any(|p| p.matches(&name));
+            prop_assert_eq!(allowed, reference, "{}", name);
+        }
+        // A pattern built from a name matches it exactly, and its wildcard
+        // form matches it one label deeper only.
+        if let Ok(name) = ServerName::parse(&text) {
+            let exact = Pattern::parse(name.as_str()).expect("a valid name is a valid pattern");
+            prop_assert!(exact.matches(&name));
+            let wildcard = Pattern::parse(&format!("*.{name}")).expect("wildcard");
+            prop_assert!(!wildcard.matches(&name));
+            if let Ok(deeper) = ServerName::parse(&format!("x.{name}")) {
+                prop_assert!(wildcard.matches(&deeper));
+            }
         }
         let _ = Pattern::parse(&text);
         let _ = Principal::parse(&text);

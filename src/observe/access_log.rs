@@ -208,7 +208,7 @@ impl Sink for Channel {
 }
 
 /// RFC 3339 UTC timestamp with millisecond precision.
-pub fn rfc3339(t: std::time::SystemTime) -> String {
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
     let t = time::OffsetDateTime::from(t);
     let format =
         time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
@@ -217,7 +217,7 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 
 /// A name from the wire as printable text: ASCII graphic characters kept,
 /// anything else escaped as `\xNN`, cut at 300 bytes.
-pub fn printable(raw: &[u8]) -> String {
+pub(crate) fn printable(raw: &[u8]) -> String {
     let mut out = String::new();
     for &b in raw.iter().take(300) {
         if b.is_ascii_graphic() {

@@ -16,270 +16,24 @@
 //! Each per-SNI family then holds at most `max_sni_source_pairs +
 //! max_sni_values + 3` (sni, source) combinations, whatever the traffic.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::error::Decision;
 use crate::identity::Principal;
-use crate::relay::Meter;
 
-/// Label value that stands for every value past a cap.
-pub const OVERFLOW: &str = "__overflow__";
-/// `source` of a connection without a caller identity (passthrough
-/// listeners, or a failed outer handshake); `sni` of one without a name.
-pub const NONE: &str = "none";
-/// `sni` of a connection whose server_name was not a valid host name (the
-/// raw bytes are in the access log, never in a label).
-pub const INVALID: &str = "invalid";
+mod labels;
 
-pub mod defaults {
-    /// Distinct `sni` label values: a cluster's egress rarely reaches a
-    /// thousand names; past this they share one series.
-    pub const MAX_SNI_VALUES: usize = 1000;
-    /// Distinct `source` label values (mesh workloads).
-    pub const MAX_SOURCE_VALUES: usize = 500;
-    /// Distinct (sni, source) pairs: most callers reach a handful of names,
-    /// so 5 000 pairs cover a large cluster, while the product of the two
-    /// caps above (500 000) would not fit a Prometheus server's budget.
-    pub const MAX_SNI_SOURCE_PAIRS: usize = 5000;
-}
-
-/// The caps on label values and series, from the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caps {
-    pub sni_values: usize,
-    pub source_values: usize,
-    pub sni_source_pairs: usize,
-}
-
-impl Default for Caps {
-    fn default() -> Caps {
-        Caps {
-            sni_values: defaults::MAX_SNI_VALUES,
-            source_values: defaults::MAX_SOURCE_VALUES,
-            sni_source_pairs: defaults::MAX_SNI_SOURCE_PAIRS,
-        }
-    }
-}
-
-/// Caps the distinct values of one label.
-#[derive(Debug)]
-pub struct LabelCap {
-    max: usize,
-    /// Most values that refused connections may add.
-    max_unprivileged: usize,
-    inner: Mutex<CapState>,
-    overflow: Arc<str>,
-}
-
-#[derive(Debug, Default)]
-struct CapState {
-    seen: HashMap<Box<str>, Arc<str>>,
-    unprivileged: usize,
-}
-
-impl LabelCap {
-    pub fn new(max: usize) -> LabelCap {
-        LabelCap { max, max_unprivileged: max / 2, inner: Mutex::default(), overflow: OVERFLOW.into() }
-    }
-
-    /// The label value to use for `value`: itself while there is room (or
-    /// once admitted), [`OVERFLOW`] after. `privileged` values (names the
-    /// policy allowed) may use the whole budget, others half of it.
-    pub fn admit(&self, value: &str, privileged: bool) -> Arc<str> {
-        let mut state = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(v) = state.seen.get(value) {
-            return v.clone();
-        }
-        let room = state.seen.len() < self.max && (privileged || state.unprivileged < self.max_unprivileged);
-        if !room {
-            return self.overflow.clone();
-        }
-        if !privileged {
-            state.unprivileged += 1;
-        }
-        let v: Arc<str> = value.into();
-        state.seen.insert(value.into(), v.clone());
-        v
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).seen.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Caps the distinct (sni, source) pairs; pairs are admitted for good.
-#[derive(Debug)]
-struct PairCap {
-    max: usize,
-    seen: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
-}
-
-impl PairCap {
-    fn admit(&self, sni: &Arc<str>, source: &Arc<str>) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let pair = (sni.clone(), source.clone());
-        if seen.contains(&pair) {
-            return true;
-        }
-        if seen.len() >= self.max {
-            return false;
-        }
-        seen.insert(pair);
-        true
-    }
-}
-
-/// The `source` label of a caller: `namespace/service_account` for Istio
-/// identities, the SPIFFE ID without its scheme otherwise, [`NONE`] without.
-pub fn source_of(principal: Option<&Principal>) -> String {
-    match principal {
-        None => NONE.to_owned(),
-        Some(p) => match (p.namespace(), p.service_account()) {
-            (Some(ns), Some(sa)) => format!("{ns}/{sa}"),
-            _ => p.without_scheme().to_owned(),
-        },
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ConnectionLabels {
-    listener: Arc<str>,
-    sni: Arc<str>,
-    source: Arc<str>,
-    decision: &'static str,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FlowLabels {
-    sni: Arc<str>,
-    source: Arc<str>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ListenerLabels {
-    listener: Arc<str>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DurationLabels {
-    listener: Arc<str>,
-    decision: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HandshakeLabels {
-    listener: Arc<str>,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VersionLabels {
-    version: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct AlertLabels {
-    alert: &'static str,
-}
-
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-
-fn duration_buckets() -> Histogram {
-    // 5 ms .. ~22 min, x4.
-    Histogram::new(exponential_buckets(0.005, 4.0, 10))
-}
-
-fn latency_buckets() -> Histogram {
-    // 0.25 ms .. ~16 s, x4.
-    Histogram::new(exponential_buckets(0.00025, 4.0, 9))
-}
-
-fn hello_buckets() -> Histogram {
-    Histogram::new([256.0, 512.0, 1024.0, 1536.0, 2048.0, 4096.0, 8192.0, 16384.0, 65536.0])
-}
-
-/// Byte counters of one connection's `sni` and `source`.
-#[derive(Debug, Clone)]
-pub struct ByteCounters {
-    from_client: Counter,
-    to_client: Counter,
-}
-
-impl Meter for ByteCounters {
-    fn add_from_client(&self, n: u64) {
-        self.from_client.inc_by(n);
-    }
-
-    fn add_to_client(&self, n: u64) {
-        self.to_client.inc_by(n);
-    }
-}
-
-/// The labels a connection is counted under, derived once.
-#[derive(Debug, Clone)]
-pub struct ConnectionKey {
-    sni: Arc<str>,
-    source: Arc<str>,
-}
-
-/// The result of one DNS lookup, as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DnsResult {
-    Ok,
-    NxDomain,
-    NoAddresses,
-    Timeout,
-    Error,
-}
-
-/// The result of dialling an allowed destination, as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectResult {
-    Ok,
-    Failed,
-    Timeout,
-}
-
-impl ConnectResult {
-    fn as_str(self) -> &'static str {
-        match self {
-            ConnectResult::Ok => "ok",
-            ConnectResult::Failed => "failed",
-            ConnectResult::Timeout => "timeout",
-        }
-    }
-}
-
-impl DnsResult {
-    fn as_str(self) -> &'static str {
-        match self {
-            DnsResult::Ok => "ok",
-            DnsResult::NxDomain => "nxdomain",
-            DnsResult::NoAddresses => "no_addresses",
-            DnsResult::Timeout => "timeout",
-            DnsResult::Error => "error",
-        }
-    }
-}
+use labels::*;
+pub use labels::{
+    ByteCounters, Caps, ConnectResult, ConnectionKey, DnsResult, INVALID, LabelCap, NONE, OVERFLOW, defaults, source_of,
+};
 
 /// Every metric snigress exports.
 pub struct Metrics {
@@ -339,7 +93,7 @@ fn register<M: prometheus_client::registry::Metric + Clone>(
 }
 
 impl Metrics {
-    pub fn new(caps: Caps) -> Metrics {
+    pub(crate) fn new(caps: Caps) -> Metrics {
         let mut registry = Registry::with_prefix("snigress");
         let r = &mut registry;
         let build_info = Family::<VersionLabels, Gauge>::default();
@@ -495,7 +249,7 @@ impl Metrics {
     /// The labels for a connection: `sni` is the validated name, or
     /// [`NONE`] / [`INVALID`]; `allowed` says whether the policy let the
     /// name through (refused names get the smaller share of the cap).
-    pub fn key(&self, sni: Option<&str>, principal: Option<&Principal>, allowed: bool) -> ConnectionKey {
+    pub(crate) fn key(&self, sni: Option<&str>, principal: Option<&Principal>, allowed: bool) -> ConnectionKey {
         let sni = match sni {
             None => NONE.into(),
             Some(INVALID) => INVALID.into(),
@@ -513,7 +267,7 @@ impl Metrics {
     }
 
     /// Byte counters for a connection, to advance as bytes move.
-    pub fn bytes(&self, key: &ConnectionKey) -> Box<ByteCounters> {
+    pub(crate) fn bytes(&self, key: &ConnectionKey) -> Box<ByteCounters> {
         let labels = FlowLabels { sni: key.sni.clone(), source: key.source.clone() };
         Box::new(ByteCounters {
             from_client: self.bytes_from_client.get_or_create_owned(&labels),
@@ -522,14 +276,14 @@ impl Metrics {
     }
 
     /// Counts a connection as open until the guard is dropped.
-    pub fn open(&self, listener: &Arc<str>) -> ActiveGuard {
+    pub(crate) fn open(&self, listener: &Arc<str>) -> ActiveGuard {
         let gauge = self.active.get_or_create_owned(&ListenerLabels { listener: listener.clone() });
         gauge.inc();
         ActiveGuard(gauge)
     }
 
     /// Counts a connection that ended.
-    pub fn finished(
+    pub(crate) fn finished(
         &self,
         listener: &Arc<str>,
         key: &ConnectionKey,
@@ -551,11 +305,11 @@ impl Metrics {
             .observe(lifetime.as_secs_f64());
     }
 
-    pub fn hello(&self, listener: &Arc<str>, size: usize) {
+    pub(crate) fn hello(&self, listener: &Arc<str>, size: usize) {
         self.hello_size.get_or_create(&ListenerLabels { listener: listener.clone() }).observe(size as f64);
     }
 
-    pub fn dns(&self, result: DnsResult, cached: bool, took: Duration) {
+    pub(crate) fn dns(&self, result: DnsResult, cached: bool, took: Duration) {
         self.dns_lookups.get_or_create(&ResultLabels { result: result.as_str() }).inc();
         if cached {
             self.dns_cache_hits.inc();
@@ -563,19 +317,19 @@ impl Metrics {
         self.dns_duration.observe(took.as_secs_f64());
     }
 
-    pub fn connect(&self, result: ConnectResult, took: Duration) {
+    pub(crate) fn connect(&self, result: ConnectResult, took: Duration) {
         self.connects.get_or_create(&ResultLabels { result: result.as_str() }).inc();
         if result == ConnectResult::Ok {
             self.connect_duration.observe(took.as_secs_f64());
         }
     }
 
-    pub fn handshake_failed(&self, listener: &Arc<str>, reason: &'static str) {
+    pub(crate) fn handshake_failed(&self, listener: &Arc<str>, reason: &'static str) {
         self.handshake_failures.get_or_create(&HandshakeLabels { listener: listener.clone(), reason }).inc();
     }
 
     /// A reload attempt: `true` when the new config is in force.
-    pub fn reloaded(&self, success: bool) {
+    pub(crate) fn reloaded(&self, success: bool) {
         let result = if success { "success" } else { "failure" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
         if success {
@@ -583,27 +337,27 @@ impl Metrics {
         }
     }
 
-    pub fn draining(&self, on: bool) {
+    pub(crate) fn draining(&self, on: bool) {
         self.draining.set(i64::from(on));
     }
 
-    pub fn accept_error(&self) {
+    pub(crate) fn accept_error(&self) {
         self.accept_errors.inc();
     }
 
     /// A fatal alert sent to a refused client; `name` is its description.
-    pub fn alert_sent(&self, name: &'static str) {
+    pub(crate) fn alert_sent(&self, name: &'static str) {
         self.alerts.get_or_create(&AlertLabels { alert: name }).inc();
     }
 
     /// The outer certificate's expiry, Unix seconds.
-    pub fn certificate_expiry(&self, not_after: i64) {
+    pub(crate) fn certificate_expiry(&self, not_after: i64) {
         self.cert_expiry.set(not_after);
     }
 
     /// The exposition in OpenMetrics text (`application/openmetrics-text`);
     /// `access_log_dropped` is the access-log writer's count so far.
-    pub fn openmetrics(&self, access_log_dropped: u64) -> String {
+    pub(crate) fn openmetrics(&self, access_log_dropped: u64) -> String {
         self.sample(access_log_dropped);
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
@@ -614,7 +368,7 @@ impl Metrics {
     /// The exposition in the Prometheus text format 0.0.4 (`text/plain`):
     /// the OpenMetrics text with counter families named by their `_total`
     /// samples, no `# EOF` and no `# UNIT` lines.
-    pub fn prometheus_text(&self, access_log_dropped: u64) -> String {
+    pub(crate) fn prometheus_text(&self, access_log_dropped: u64) -> String {
         let open = self.openmetrics(access_log_dropped);
         let mut counters = Vec::new();
         for line in open.lines() {
@@ -666,11 +420,6 @@ impl Metrics {
             }
         }
     }
-
-    /// Distinct `sni` label values in use (for tests and diagnostics).
-    pub fn sni_values(&self) -> usize {
-        self.sni_cap.len()
-    }
 }
 
 /// Advances `counter` to `total`, a count kept elsewhere that only grows.
@@ -700,29 +449,7 @@ impl Drop for ActiveGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn values_past_the_cap_share_the_overflow_value() {
-        let cap = LabelCap::new(3);
-        assert_eq!(&*cap.admit("a", true), "a");
-        assert_eq!(&*cap.admit("b", true), "b");
-        assert_eq!(&*cap.admit("c", true), "c");
-        assert_eq!(&*cap.admit("d", true), OVERFLOW);
-        assert_eq!(&*cap.admit("a", true), "a", "admitted values stay");
-        assert_eq!(cap.len(), 3);
-    }
-
-    #[test]
-    fn refused_names_get_half_the_budget() {
-        let cap = LabelCap::new(4);
-        assert_eq!(&*cap.admit("x.evil", false), "x.evil");
-        assert_eq!(&*cap.admit("y.evil", false), "y.evil");
-        assert_eq!(&*cap.admit("z.evil", false), OVERFLOW, "refused names stop at half");
-        assert_eq!(&*cap.admit("api.good", true), "api.good", "allowed names still fit");
-        assert_eq!(&*cap.admit("cdn.good", true), "cdn.good");
-        assert_eq!(&*cap.admit("more.good", true), OVERFLOW);
-        assert_eq!(&*cap.admit("x.evil", true), "x.evil");
-    }
+    use crate::relay::Meter;
 
     #[test]
     fn label_derivation() {
@@ -736,7 +463,7 @@ mod tests {
         assert_eq!(&*k.sni, INVALID);
         let odd = Principal::parse("spiffe://example.org/workload/x").unwrap();
         assert_eq!(source_of(Some(&odd)), "example.org/workload/x");
-        assert_eq!(m.sni_values(), 1, "none and invalid are fixed values outside the cap");
+        assert_eq!(m.sni_cap.len(), 1, "none and invalid are fixed values outside the cap");
     }
 
     #[test]

@@ -126,7 +126,13 @@ impl Half {
 
 /// Writes `replay` to the upstream, then copies both ways until both
 /// directions are finished, one side fails, or nothing moves for `idle`.
-pub async fn copy<C, U>(client: &mut C, upstream: &mut U, replay: Vec<u8>, idle: Duration, transfer: &Transfer) -> Ended
+pub(crate) async fn copy<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    replay: Vec<u8>,
+    idle: Duration,
+    transfer: &Transfer,
+) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -211,8 +217,8 @@ mod tests {
         };
         let (termination, (), ()) = tokio::join!(gateway, client_side, upstream_side);
         assert_eq!(termination, Ended::ClientClosed);
-        assert_eq!(transfer.from_client(), 1005);
-        assert_eq!(transfer.to_client(), 3000);
+        assert_eq!(transfer.bytes_from_client(), 1005);
+        assert_eq!(transfer.bytes_to_client(), 3000);
     }
 
     #[tokio::test(start_paused = true)]
@@ -244,7 +250,7 @@ mod tests {
         };
         let (t, ()) = tokio::join!(gateway, peers);
         assert_eq!(t, Ended::ClientClosed);
-        assert_eq!(transfer.from_client(), 4);
+        assert_eq!(transfer.bytes_from_client(), 4);
     }
 
     #[tokio::test]

@@ -194,7 +194,7 @@ impl Progress<'_> {
 /// Writes `replay` to the upstream, then moves bytes both ways with
 /// `splice(2)` until both directions are finished, one side fails, or
 /// nothing moves for `idle`.
-pub async fn splice(
+pub(crate) async fn splice(
     client: &TcpStream,
     upstream: &TcpStream,
     replay: Vec<u8>,

@@ -116,7 +116,7 @@ impl Sidecar {
             tokio::spawn(async move {
                 match shared.carry(app).await {
                     Ok((transfer, how)) => tracing::info!(
-                        client = %peer, from_client = transfer.from_client(), to_client = transfer.to_client(),
+                        client = %peer, from_client = transfer.bytes_from_client(), to_client = transfer.bytes_to_client(),
                         termination = how, "sidecar: connection ended"),
                     Err(e) => tracing::warn!(client = %peer, gateway = %shared.settings.gateway, error = %e,
                         "sidecar: cannot reach the gateway"),

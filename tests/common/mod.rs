@@ -90,12 +90,12 @@ impl Pki {
     }
 }
 
-fn load_pair(cert: &Path, key: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+pub fn load_pair(cert: &Path, key: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let certs = CertificateDer::pem_file_iter(cert).expect("cert file").collect::<Result<Vec<_>, _>>().expect("cert");
     (certs, PrivateKeyDer::from_pem_file(key).expect("key"))
 }
 
-fn roots_from(pem: &Path) -> Arc<RootCertStore> {
+pub fn roots_from(pem: &Path) -> Arc<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(pem).expect("CA file") {
         roots.add(cert.expect("CA cert")).expect("add root");
