@@ -5,6 +5,7 @@
 #   bench/compare.sh                 # RUNS=3 DURATION=5 by default
 #   RUNS=5 DURATION=10 bench/compare.sh
 #   SKIP_LOAD=1 IDLE_COUNTS=9000 bench/compare.sh   # idle memory only, added to bench/results.tsv
+#   BASELINE=/path/to/older/snigress bench/compare.sh  # also an earlier build, as "snigress-before"
 #
 # Every proxy does the same job with the same worker count (2): terminate
 # the mesh mTLS (mtls targets) or take TLS directly (passthrough targets),
@@ -22,6 +23,10 @@ CONCURRENCY=${CONCURRENCY:-16}
 BULK_BYTES=${BULK_BYTES:-1073741824}
 LATENCY_RATE=${LATENCY_RATE:-100}
 IDLE_COUNTS=${IDLE_COUNTS:-"2000 9000"}
+# Concurrent bulk downloads through the passthrough listeners (BULK_BYTES
+# shared between them): the zero-copy relay's pipes under many streams.
+STREAM_COUNTS=${STREAM_COUNTS:-"1 64 200"}
+BASELINE=${BASELINE:-}
 
 need=""
 command -v haproxy >/dev/null || need="$need haproxy"
@@ -59,6 +64,7 @@ DNS=$(cat "$work/dns.port"); UP=$(cat "$work/up.port")
 
 SN_MTLS=$(free_port); SN_PT=$(free_port); HA_MTLS=$(free_port); HA_PT=$(free_port)
 NG_MTLS=$(free_port); NG_PT=$(free_port); SP_PT=$(free_port)
+SB_MTLS=$(free_port); SB_PT=$(free_port)
 
 cat > "$work/snigress.yaml" <<YAML
 listeners:
@@ -70,6 +76,10 @@ resolver: {nameservers: ["127.0.0.1:$DNS"], allow_cidrs: [127.0.0.0/8]}
 limits: {max_connections: 9500, max_connections_per_source: 9500}
 access_log: {path: /dev/null}
 YAML
+
+# The same config for the earlier build, on its own ports.
+sed -e "s/127.0.0.1:$SN_MTLS/127.0.0.1:$SB_MTLS/" -e "s/127.0.0.1:$SN_PT/127.0.0.1:$SB_PT/" \
+    "$work/snigress.yaml" > "$work/snigress-before.yaml"
 
 rules="  tcp-request inspect-delay 5s
   tcp-request content reject unless { req.ssl_hello_type 1 }
@@ -150,16 +160,26 @@ start_proxies() {
     nginx -p "$work" -e "$work/nginx-error.log" -c "$work/nginx.conf" -g 'daemon off;' & NG_PID=$!
     sniproxy -f -c "$work/sniproxy.conf" & SP_PID=$!
     pids+=("$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID")
+    SB_PID=""
+    if [ -n "$BASELINE" ]; then
+        SNIGRESS_LOG=warn "$BASELINE" run --config "$work/snigress-before.yaml" & SB_PID=$!
+        pids+=("$SB_PID")
+        wait_port "$SB_MTLS"; wait_port "$SB_PT"
+    fi
     for p in $SN_MTLS $SN_PT $HA_MTLS $HA_PT $NG_MTLS $NG_PT $SP_PT; do wait_port "$p"; done
     # target name, address, proxy pid (empty: none), m for mTLS
     targets_pt="direct:127.0.0.1:$UP:: snigress:127.0.0.1:$SN_PT:$SN_PID: haproxy:127.0.0.1:$HA_PT:$HA_PID: nginx:127.0.0.1:$NG_PT:$NG_PID: sniproxy:127.0.0.1:$SP_PT:$SP_PID:"
     targets_mtls="snigress:127.0.0.1:$SN_MTLS:$SN_PID:m haproxy:127.0.0.1:$HA_MTLS:$HA_PID:m nginx:127.0.0.1:$NG_MTLS:$NG_PID:m"
+    if [ -n "$BASELINE" ]; then
+        targets_pt="$targets_pt snigress-before:127.0.0.1:$SB_PT:$SB_PID:"
+        targets_mtls="$targets_mtls snigress-before:127.0.0.1:$SB_MTLS:$SB_PID:m"
+    fi
 }
 stop_proxies() {
-    kill -TERM "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" 2>/dev/null || true
+    kill -TERM "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" $SB_PID 2>/dev/null || true
     sleep 0.2
-    kill -TERM "$SN_PID" 2>/dev/null || true # a second signal: no drain
-    wait "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" 2>/dev/null || true
+    kill -TERM "$SN_PID" $SB_PID 2>/dev/null || true # a second signal: no drain
+    wait "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" $SB_PID 2>/dev/null || true
 }
 start_proxies
 
@@ -199,6 +219,7 @@ each() { # mode targets -- callback
 rate_one() { measure rate "$1" "$2" "$3" "$4" "$5" rate "$3" "$DURATION" "$CONCURRENCY"; }
 bulk_one() { measure bulk "$1" "$2" "$3" "$4" "$5" bulk "$3" "$BULK_BYTES"; }
 latency_one() { measure latency "$1" "$2" "$3" "$4" "$5" latency "$3" "$DURATION" "$LATENCY_RATE"; }
+streams_one() { measure "streams-$STREAMS" "$1" "$2" "$3" "$4" "$5" bulk "$3" "$BULK_BYTES" "$STREAMS"; }
 
 # Warm-up: one short pass over every target.
 for t in $targets_pt $targets_mtls; do
@@ -216,6 +237,9 @@ for run in $(seq "$RUNS"); do
     each mtls "$targets_mtls" bulk_one
     each passthrough "$targets_pt" latency_one
     each mtls "$targets_mtls" latency_one
+    for STREAMS in $STREAM_COUNTS; do
+        each passthrough "$targets_pt" streams_one
+    done
 done
 
 # Memory per idle established connection: each count and mode measured on

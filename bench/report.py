@@ -89,8 +89,26 @@ def main():
                 f"| {'-' if t == 'direct' else ratio(s['added'], p['added'])} |"
             )
 
-    table("passthrough", ["haproxy", "nginx", "sniproxy"])
-    table("mtls", ["haproxy", "nginx"])
+    baseline = any(t == "snigress-before" for (_, _, t) in rows)
+    before = ["snigress-before"] if baseline else []
+    table("passthrough", before + ["haproxy", "nginx", "sniproxy"])
+    table("mtls", before + ["haproxy", "nginx"])
+
+    counts = sorted({int(sc.split("-")[1]) for (sc, _, _) in rows if sc.startswith("streams-")})
+    if counts:
+        out.append("\n## passthrough: concurrent bulk streams\n")
+        out.append(f"{int(bulk_bytes) >> 20} MiB in all, shared by N connections downloading at once.\n")
+        out.append("| target | " + " | ".join(f"{n} streams: MiB/s, CPU s/GiB" for n in counts) + " |")
+        out.append("|---|" + "---|" * len(counts))
+        targets = sorted({t for (sc, m, t) in rows if sc.startswith("streams-")}, key=lambda t: (t != "snigress", t))
+        for t in targets:
+            cells = []
+            for n in counts:
+                items = rows.get((f"streams-{n}", "passthrough", t), [])
+                mibs = [r["mib_per_second"] for r, _ in items]
+                cpu = [ticks / HZ / (r["bytes"] / 2**30) for r, ticks in items]
+                cells.append(f"{med(mibs):.0f}, {'-' if t == 'direct' else f'{med(cpu):.2f} ({spread(cpu)})'}")
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
 
     out.append("\n## Memory per idle established connection\n")
     out.append("| mode | target | connections held | RSS before (MiB) | RSS after (MiB) | bytes per connection |")

@@ -5,7 +5,7 @@
 //!     loadgen dns PORTFILE                    authoritative DNS for bench.allowed.test
 //!     loadgen upstream DIR PORTFILE           TLS server: sends as many bytes as asked
 //!     loadgen rate ADDR SECONDS CONCURRENCY [--mtls DIR]
-//!     loadgen bulk ADDR BYTES [--mtls DIR]
+//!     loadgen bulk ADDR BYTES [STREAMS] [--mtls DIR]   STREAMS connections at once, BYTES in all
 //!     loadgen latency ADDR SECONDS RATE [--mtls DIR]
 //!     loadgen idle ADDR COUNT [--mtls DIR]    holds COUNT connections until stdin closes
 //!
@@ -52,7 +52,10 @@ fn main() -> Result<()> {
             runtime.block_on(async {
                 match mode {
                     "rate" => rate(client, arg(2)?.parse()?, arg(3)?.parse()?).await,
-                    "bulk" => bulk(client, arg(2)?.parse()?).await,
+                    "bulk" => {
+                        let streams = args.get(3).filter(|a| !a.starts_with("--")).map_or(Ok(1), |a| a.parse())?;
+                        bulk(client, arg(2)?.parse()?, streams).await
+                    }
                     "latency" => latency(client, arg(2)?.parse()?, arg(3)?.parse()?).await,
                     "idle" => idle(client, arg(2)?.parse()?).await,
                     other => Err(format!("unknown mode {other}").into()),
@@ -304,12 +307,25 @@ async fn rate(client: Arc<Client>, seconds: f64, concurrency: usize) -> Result<(
     Ok(())
 }
 
-/// One connection downloading BYTES.
-async fn bulk(client: Arc<Client>, bytes: u64) -> Result<()> {
+/// `streams` connections at once downloading `bytes` between them.
+async fn bulk(client: Arc<Client>, bytes: u64, streams: u64) -> Result<()> {
     let started = Instant::now();
-    let got = client.fetch(bytes).await?;
+    let each = bytes / streams.max(1);
+    let tasks: Vec<_> = (0..streams.max(1))
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.fetch(each).await })
+        })
+        .collect();
+    let mut got = 0;
+    for t in tasks {
+        got += t.await??;
+    }
     let elapsed = started.elapsed().as_secs_f64();
-    println!("{{\"bytes\":{got},\"seconds\":{elapsed:.3},\"mib_per_second\":{:.1}}}", got as f64 / elapsed / 1048576.0);
+    println!(
+        "{{\"bytes\":{got},\"streams\":{streams},\"seconds\":{elapsed:.3},\"mib_per_second\":{:.1}}}",
+        got as f64 / elapsed / 1048576.0
+    );
     Ok(())
 }
 

@@ -230,11 +230,18 @@ impl Pipeline<'_> {
         // for the size of the TLS stream).
         match self.listener.mode {
             Mode::Passthrough => Box::pin(self.serve(tcp, facts)).await,
-            Mode::Mtls => match Box::pin(self.arrive_mesh(tcp, facts)).await {
-                Ok(client) => Box::pin(self.serve(client, facts)).await,
-                // The outer layer told the client already (or it has gone).
-                Err(e) => facts.refuse(e),
-            },
+            Mode::Mtls => Box::pin(self.mesh(tcp, facts)).await,
+        }
+    }
+
+    /// An mtls listener's connection: the outer layer, then the rest on the
+    /// decrypted stream. (Its own function, boxed by the caller: the TLS
+    /// stream is large, and a passthrough connection must not pay for it.)
+    async fn mesh(&self, tcp: TcpStream, facts: &mut Facts) -> Termination {
+        match self.arrive_mesh(tcp, facts).await {
+            Ok(client) => self.serve(client, facts).await,
+            // The outer layer told the client already (or it has gone).
+            Err(e) => facts.refuse(e),
         }
     }
 

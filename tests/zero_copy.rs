@@ -205,15 +205,18 @@ fn the_pipe_budget_stays_inside_the_users_quota_and_counts_a_shrunk_pipe() {
     let quota = report["quota"].as_u64().expect("a quota is set");
     let sizes: Vec<u64> =
         report["sizes"].as_array().expect("sizes").iter().map(|v| v.as_u64().expect("size")).collect();
-    let (large, default) =
-        (snigress::relay::splice::PIPE_SIZE_LARGE as u64, snigress::relay::splice::PIPE_SIZE_DEFAULT as u64);
+    use snigress::relay::splice::{PIPE_SIZE_DEFAULT, PIPE_SIZE_LARGE, PIPE_SIZE_LARGEST};
+    let (largest, large, default) = (PIPE_SIZE_LARGEST as u64, PIPE_SIZE_LARGE as u64, PIPE_SIZE_DEFAULT as u64);
     let total: u64 = sizes.iter().sum();
     let given = sizes.iter().filter(|s| **s > 0).count();
     println!("quota {quota} bytes: {given} pipes, {total} bytes; others {}, late {}", report["others"], report["late"]);
-    // Large pipes up to a quarter of the quota, default ones up to three
-    // quarters, then none: never past what the kernel allows.
-    assert!(sizes.iter().all(|s| [0, default, large].contains(s)), "{sizes:?}");
-    assert_eq!(sizes.iter().filter(|s| **s == large).count() as u64, quota / 4 / large);
+    // The largest pipes up to a sixteenth of the quota, large ones up to a
+    // quarter, default ones up to three quarters, then none: never past what
+    // the kernel allows.
+    assert!(sizes.iter().all(|s| [0, default, large, largest].contains(s)), "{sizes:?}");
+    let count = |size: u64| sizes.iter().filter(|s| **s == size).count() as u64;
+    assert_eq!(count(largest), quota / 16 / largest);
+    assert_eq!(count(large), (quota / 4 - count(largest) * largest) / large);
     assert!(total <= quota / 4 * 3, "{total} > 3/4 of {quota}");
     assert!(given >= 400, "200 transfers both ways fit the budget: {given} pipes");
     assert_eq!(report["resize_failures_within_budget"], 0, "{report}");

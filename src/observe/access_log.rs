@@ -71,7 +71,7 @@ pub trait Sink: Send + Sync {
 /// [`BATCH_SIZE`] are waiting), so a connection costs no thread wake-up and
 /// a busy gateway one write per batch.
 pub struct JsonLines {
-    shared: Arc<Shared>,
+    shared: Arc<Handoff>,
 }
 
 /// Longest a record waits before it is written.
@@ -83,7 +83,7 @@ pub const BATCH_SIZE: usize = 1024;
 /// memory without bound.
 pub const MAX_QUEUED: usize = 100_000;
 
-struct Shared {
+struct Handoff {
     queue: Mutex<Queue>,
     /// Records dropped since the start (the metric), beside the count not
     /// yet reported in the diagnostic log.
@@ -115,7 +115,7 @@ impl JsonLines {
     }
 
     pub fn spawn(out: Box<dyn Write + Send>) -> JsonLines {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Handoff {
             queue: Mutex::default(),
             dropped_total: AtomicU64::new(0),
             wake: Condvar::new(),
@@ -144,7 +144,7 @@ impl JsonLines {
     }
 }
 
-fn write_loop(shared: &Shared, out: Box<dyn Write + Send>) {
+fn write_loop(shared: &Handoff, out: Box<dyn Write + Send>) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     let mut batch = Vec::new();
     loop {
