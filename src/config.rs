@@ -36,8 +36,8 @@ pub mod defaults {
     /// Inner ClientHello: clients send it right after connecting; 10 s, as
     /// the outer handshake (nginx uses 30 s, proksi 10 s).
     pub const CLIENT_HELLO: Duration = Duration::from_secs(10);
-    /// DNS: the resolver's own default per query, and long enough for one
-    /// retry against a second server.
+    /// DNS, the whole lookup: what glibc and hickory allow one query (5 s),
+    /// with its resends inside it.
     pub const DNS: Duration = Duration::from_secs(5);
     /// Connect, per address: a reachable host answers within a few round
     /// trips; 5 s leaves time for the next address within a client's patience.

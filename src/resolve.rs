@@ -3,7 +3,22 @@
 //! The name is always queried in absolute form, so no search path ever turns
 //! an external name into an in-cluster one. Every resolved address is vetted;
 //! the dialler gets exactly the addresses that passed, so there is no second
-//! lookup to rebind. Vetted answers are cached in front of hickory's own
+//! lookup to rebind.
+//!
+//! # Timing
+//!
+//! `timeouts.dns` is one budget for the whole lookup, and an answer that
+//! arrives anywhere inside it is used, whichever query it answers. hickory
+//! (0.26) sends a UDP query and, while it has no answer, sends it again
+//! from a new socket every 1.2 x the server's smoothed round-trip time (at
+//! least 333 ms), at most three sends, listening on all of them: so each
+//! lookup's one attempt is given the whole budget and hickory's own retry
+//! after a failed attempt is off (a retry would drop the sockets of the
+//! first attempt, and with them a late but valid answer). A lost packet
+//! then costs about a third of a second, a slow server gets at most three
+//! queries per record type, and nothing waits past the budget.
+//!
+//! Vetted answers are cached in front of hickory's own
 //! cache (hits are counted, vetting is not repeated), with LRU eviction and
 //! each entry's clamped TTL; the resolver, with both caches, is kept across
 //! reloads that leave `resolver:` and `timeouts.dns` unchanged.
@@ -134,48 +149,9 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(settings: &ResolverSettings) -> Result<Resolver, BuildError> {
-        let mut builder = match &settings.nameservers {
-            Some(servers) => {
-                let name_servers = servers
-                    .iter()
-                    .map(|addr| {
-                        let mut udp = ConnectionConfig::udp();
-                        udp.port = addr.port();
-                        let mut tcp = ConnectionConfig::tcp();
-                        tcp.port = addr.port();
-                        NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-                    })
-                    .collect();
-                let config = ResolverConfig::from_parts(None, vec![], name_servers);
-                HickoryResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            }
-            None => TokioResolver::builder_tokio().map_err(|e| BuildError::SystemConfig(Box::new(e)))?,
-        };
-        let opts: &mut ResolverOpts = builder.options_mut();
-        opts.ip_strategy = match settings.ip_family {
-            IpFamily::Ipv4Only => LookupIpStrategy::Ipv4Only,
-            IpFamily::Ipv6Only => LookupIpStrategy::Ipv6Only,
-            IpFamily::Ipv4ThenIpv6 => LookupIpStrategy::Ipv4thenIpv6,
-            IpFamily::Ipv6ThenIpv4 => LookupIpStrategy::Ipv6thenIpv4,
-            IpFamily::Both => LookupIpStrategy::Ipv4AndIpv6,
-        };
-        opts.positive_min_ttl = Some(settings.min_ttl);
-        opts.negative_min_ttl = Some(settings.min_ttl);
-        opts.positive_max_ttl = Some(settings.max_ttl);
-        opts.negative_max_ttl = Some(settings.max_ttl);
-        opts.cache_size = settings.cache_size;
-        // Two tries per query within the overall budget: one lost UDP
-        // packet must not use it all.
-        opts.timeout = (settings.timeout / 2).max(Duration::from_millis(100));
-        opts.attempts = 2;
-        // Names are absolute (see `ServerName::to_absolute`); the hosts file
-        // would let `localhost`-style entries bypass the operator's DNS.
-        opts.ndots = 0;
-        opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
-        let inner = builder.build().map_err(|e| BuildError::Build(Box::new(e)))?;
         let cache =
             moka::sync::Cache::builder().max_capacity(settings.cache_size.max(1)).expire_after(UntilTtl).build();
-        Ok(Resolver { inner, settings: settings.clone(), cache })
+        Ok(Resolver { inner: hickory(settings)?, settings: settings.clone(), cache })
     }
 
     /// The settings this resolver was built from: a reload with the same
@@ -189,8 +165,8 @@ impl Resolver {
         if let Some(hit) = self.cache.get(name).filter(|e| e.until > Instant::now()) {
             return Ok(Resolved { cached: true, ..hit.resolved });
         }
-        // The resolver has its own per-query timeout and retries; this bounds
-        // the whole lookup, whatever it does inside.
+        // hickory's own timeout is the same budget; this bounds the whole
+        // lookup whatever it does inside.
         let lookup = tokio::time::timeout(self.settings.timeout, self.inner.lookup_ip(name.to_absolute()))
             .await
             .map_err(|_| ResolveError::Timeout)?
@@ -212,6 +188,48 @@ impl Resolver {
         self.cache.insert(name.clone(), Entry { until: lookup.valid_until(), resolved: resolved.clone() });
         Ok(resolved)
     }
+}
+
+/// A hickory resolver whose one attempt takes the whole budget (see the
+/// module doc).
+fn hickory(settings: &ResolverSettings) -> Result<TokioResolver, BuildError> {
+    let mut builder = match &settings.nameservers {
+        Some(servers) => {
+            let name_servers = servers
+                .iter()
+                .map(|addr| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = addr.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = addr.port();
+                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            let config = ResolverConfig::from_parts(None, vec![], name_servers);
+            HickoryResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        }
+        None => TokioResolver::builder_tokio().map_err(|e| BuildError::SystemConfig(Box::new(e)))?,
+    };
+    let opts: &mut ResolverOpts = builder.options_mut();
+    opts.ip_strategy = match settings.ip_family {
+        IpFamily::Ipv4Only => LookupIpStrategy::Ipv4Only,
+        IpFamily::Ipv6Only => LookupIpStrategy::Ipv6Only,
+        IpFamily::Ipv4ThenIpv6 => LookupIpStrategy::Ipv4thenIpv6,
+        IpFamily::Ipv6ThenIpv4 => LookupIpStrategy::Ipv6thenIpv4,
+        IpFamily::Both => LookupIpStrategy::Ipv4AndIpv6,
+    };
+    opts.positive_min_ttl = Some(settings.min_ttl);
+    opts.negative_min_ttl = Some(settings.min_ttl);
+    opts.positive_max_ttl = Some(settings.max_ttl);
+    opts.negative_max_ttl = Some(settings.max_ttl);
+    opts.cache_size = settings.cache_size;
+    opts.timeout = settings.timeout;
+    opts.attempts = 0;
+    // Names are absolute (see `ServerName::to_absolute`); the hosts file
+    // would let `localhost`-style entries bypass the operator's DNS.
+    opts.ndots = 0;
+    opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
+    builder.build().map_err(|e| BuildError::Build(Box::new(e)))
 }
 
 fn classify(e: NetError) -> ResolveError {

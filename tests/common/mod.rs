@@ -796,3 +796,61 @@ pub fn is_root() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1)) == Some("0")
 }
+
+/// A nameserver on 127.0.0.1 (UDP) that answers each A query for one of
+/// `names` after `delay` (anything else: NXDOMAIN after the same delay),
+/// drops the first `drop_first` queries it receives, and counts them all:
+/// a slow or lossy server, to test what the gateway does with late answers.
+pub struct SlowDns {
+    pub addr: SocketAddr,
+    /// Queries received so far (dropped ones included).
+    pub queries: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SlowDns {
+    pub async fn start(names: &[&str], delay: Duration, drop_first: usize) -> SlowDns {
+        use hickory_server::proto::op::{Message, OpCode, ResponseCode};
+        use hickory_server::proto::rr::RecordType;
+        use std::sync::atomic::Ordering;
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind DNS"));
+        let addr = socket.local_addr().expect("DNS address");
+        let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let names: Vec<Name> = names.iter().map(|n| Name::from_ascii(format!("{n}.")).expect("name")).collect();
+        let (count, names) = (queries.clone(), Arc::new(names));
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let seen = count.fetch_add(1, Ordering::SeqCst);
+                if seen < drop_first {
+                    continue;
+                }
+                let Ok(request) = Message::from_vec(&buf[..n]) else { continue };
+                let (socket, names) = (socket.clone(), names.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let mut response = Message::response(request.metadata.id, OpCode::Query);
+                    response.metadata.recursion_desired = request.metadata.recursion_desired;
+                    response.metadata.recursion_available = true;
+                    response.add_queries(request.queries.clone());
+                    match request.queries.first() {
+                        Some(q) if names.iter().any(|n| n.eq_case(q.name())) => {
+                            if q.query_type() == RecordType::A {
+                                let a = RData::A(A(Ipv4Addr::LOCALHOST));
+                                response.add_answer(DnsRecord::from_rdata(q.name().clone(), 60, a));
+                            }
+                        }
+                        _ => response.metadata.response_code = ResponseCode::NXDomain,
+                    }
+                    if let Ok(bytes) = response.to_vec() {
+                        let _ = socket.send_to(&bytes, peer).await;
+                    }
+                });
+            }
+        });
+        SlowDns { addr, queries }
+    }
+
+    pub fn queries(&self) -> usize {
+        self.queries.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
