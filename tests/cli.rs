@@ -307,7 +307,8 @@ fn a_low_soft_descriptor_limit_is_raised_and_a_low_hard_one_is_reported() {
     assert_eq!(fd_limits(running.child.id()), (hard, hard), "the soft limit is raised to the hard one");
     drop(running);
 
-    // A hard limit too low for limits.max_connections (10 000 by default).
+    // A hard limit too low for limits.max_connections (10 000 by default,
+    // two descriptors each).
     let running = under("ulimit -Sn 256 && ulimit -Hn 512");
     let warning = json(&running.diag("open-file limit cannot hold"));
     assert_eq!(warning["level"], "WARN");

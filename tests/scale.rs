@@ -166,38 +166,21 @@ async fn running_out_of_descriptors_pauses_the_accept_loop_without_spinning() {
     )
     .expect("write config");
     // The gateway gets 64 descriptors: far fewer than the connections below.
-    let mut child = std::process::Command::new("sh")
-        .args([
-            "-c",
-            &format!("ulimit -n 64 && exec '{}' run --config '{}'", env!("CARGO_BIN_EXE_snigress"), config.display()),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let (tx, stderr) = std::sync::mpsc::channel();
-    let pipe = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let wait_line = |needle: &str| loop {
-        let line = stderr.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
-        if line.contains(needle) {
-            return line;
-        }
-    };
-    let listening = json(&wait_line("\"listening\""));
+    // (Running kills it on drop, whatever happens to the test.)
+    let gateway = Running::with_command(std::process::Command::new("sh").args([
+        "-c",
+        &format!("ulimit -n 64 && exec '{}' run --config '{}'", env!("CARGO_BIN_EXE_snigress"), config.display()),
+    ]));
+    let listening = json(&gateway.diag("\"listening\""));
     let addr: std::net::SocketAddr = listening["fields"]["address"].as_str().expect("address").parse().expect("addr");
-    let pid = child.id();
+    let pid = gateway.child.id();
 
     // 100 clients that connect and say nothing hold the gateway's descriptors.
     let mut idle = Vec::new();
     for _ in 0..100 {
         idle.push(within("connect", TcpStream::connect(addr)).await.expect("the kernel accepts"));
     }
-    wait_line("out of resources");
+    gateway.diag("out of resources");
     let before = cpu_ticks(pid);
     let started = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -221,6 +204,4 @@ async fn running_out_of_descriptors_pauses_the_accept_loop_without_spinning() {
         }
     })
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
 }

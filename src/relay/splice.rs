@@ -10,14 +10,15 @@
 //! that sized its pipes at 1 MiB would exhaust the quota at 64 busy
 //! directions and then move 4-8 KiB per pair of syscalls. So the pipes in
 //! existence are accounted against a budget of three quarters of the quota
-//! (the rest is left to other processes of the same user): a new pipe is
-//! [`PIPE_SIZE_LARGEST`] while the pipes stay under a sixteenth of the quota
-//! (a few busy directions, the common case, move bulk data in the fewest
-//! calls), [`PIPE_SIZE_LARGE`] under a quarter, the kernel default
-//! ([`PIPE_SIZE_DEFAULT`]) up to the budget, and past that a burst moves
-//! through user space. With the default quota that is 4 + 48 + 512 pipes:
-//! 564 directions moving bytes at once. Refused resizes and pipes the
-//! kernel made smaller than its default are counted ([`stats`]), not ignored.
+//! (the rest is left to other processes of the same user). A new pipe is
+//! [`PIPE_SIZE_LARGEST`] while the pipes stay under half the budget (bulk
+//! data in the fewest calls), [`PIPE_SIZE_LARGE`] under three quarters of
+//! it, the kernel default ([`PIPE_SIZE_DEFAULT`]) up to the budget, and past
+//! that a burst moves through user space: with the default quota 24 + 48 +
+//! 192 pipes, 264 directions blocked with bytes in flight at once (a
+//! direction whose sink keeps up gives its pipe back at once). A process the
+//! kernel exempts from the quota (CAP_SYS_RESOURCE or CAP_SYS_ADMIN) budgets
+//! against four times it, as memory (at most 192 MiB of pipes).
 //!
 //! A direction holds a pipe only while its source has bytes (one burst), so
 //! an idle connection holds no pipe and no extra descriptors; empty pipes go
@@ -41,14 +42,13 @@ use tokio::time::Instant;
 
 use super::{Ended, Side, Transfer};
 
-/// Pipe capacity while only a few pipes exist: the largest an unprivileged
-/// process may ask for (`/proc/sys/fs/pipe-max-size`), so a bulk transfer
-/// takes the fewest splice calls (measured: 0.30 against 0.40 CPU s/GiB
-/// with 256 KiB pipes, on one stream).
+/// Pipe capacity while pipes are few: the largest an unprivileged process
+/// may ask for (`/proc/sys/fs/pipe-max-size`), so a bulk transfer takes the
+/// fewest splice calls (measured: 0.30 against 0.40 CPU s/GiB with 256 KiB
+/// pipes, on one stream).
 pub const PIPE_SIZE_LARGEST: usize = 1024 * 1024;
-/// Pipe capacity while pipes are plentiful: four times the default cuts
-/// the splice calls per byte by four, and 64 such pipes fit a quarter of
-/// the default quota.
+/// Pipe capacity when more directions need pipes: four times the default
+/// cuts the splice calls per byte by four.
 pub const PIPE_SIZE_LARGE: usize = 256 * 1024;
 /// The kernel's default pipe capacity (16 pages of 4 KiB).
 pub const PIPE_SIZE_DEFAULT: usize = 64 * 1024;
@@ -93,13 +93,30 @@ pub fn stats() -> PipeStats {
     }
 }
 
-/// The per-user soft quota in bytes; `None` when the kernel sets none.
+/// A process with CAP_SYS_RESOURCE or CAP_SYS_ADMIN is not held to the
+/// quota (the kernel's `pipe_is_unprivileged_user`); its pipes are still
+/// memory, so it budgets against this many times the quota instead.
+const PRIVILEGED_FACTOR: u64 = 4;
+
+/// The per-user soft quota in bytes (times [`PRIVILEGED_FACTOR`] for a
+/// process the kernel does not hold to it); `None` when the kernel sets none.
 fn quota() -> Option<u64> {
     static QUOTA: OnceLock<Option<u64>> = OnceLock::new();
     *QUOTA.get_or_init(|| {
         let pages: u64 = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft").ok()?.trim().parse().ok()?;
-        (pages > 0).then(|| pages * page_size())
+        let factor = if exempt_from_quota() { PRIVILEGED_FACTOR } else { 1 };
+        (pages > 0).then(|| pages * page_size() * factor)
     })
+}
+
+/// Whether this process's effective capabilities include CAP_SYS_RESOURCE
+/// (24) or CAP_SYS_ADMIN (21), from /proc (root in a container usually has
+/// neither).
+fn exempt_from_quota() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps =
+        status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    caps.is_some_and(|caps| caps & (1 << 24 | 1 << 21) != 0)
 }
 
 /// The page size, from the capacity of a fresh pipe (always 16 pages).
@@ -121,21 +138,19 @@ thread_local! {
 }
 
 impl Pipe {
-    /// An empty pipe from this thread's pool, or a new one sized to what
-    /// the budget allows; `None` past the budget or without descriptors.
+    /// An empty pipe: the largest in this thread's pool, or a new one sized
+    /// to what the budget allows; `None` past the budget or without
+    /// descriptors.
     fn take() -> Option<Pipe> {
-        if let Some(pipe) = POOL.with(|pool| pool.borrow_mut().pop()) {
-            return Some(pipe);
+        let pooled = POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let largest = (0..pool.len()).max_by_key(|&i| pool[i].capacity)?;
+            Some(pool.swap_remove(largest))
+        });
+        if pooled.is_some() {
+            return pooled;
         }
-        let in_use = BYTES.load(Ordering::Relaxed);
-        let fits = |size: usize, share: u64| in_use + size as u64 <= share;
-        let want = match quota() {
-            None => PIPE_SIZE_LARGEST,
-            Some(quota) if fits(PIPE_SIZE_LARGEST, quota / 16) => PIPE_SIZE_LARGEST,
-            Some(quota) if fits(PIPE_SIZE_LARGE, quota / 4) => PIPE_SIZE_LARGE,
-            Some(quota) if fits(PIPE_SIZE_DEFAULT, quota / 4 * 3) => PIPE_SIZE_DEFAULT,
-            Some(_) => return None,
-        };
+        let want = size_allowed(BYTES.load(Ordering::Relaxed))?;
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).ok()?;
         if want > PIPE_SIZE_DEFAULT && fcntl(&write, FcntlArg::F_SETPIPE_SZ(want as i32)).is_err() {
             RESIZE_FAILURES.fetch_add(1, Ordering::Relaxed);
@@ -150,13 +165,32 @@ impl Pipe {
     }
 
     /// Back to this thread's pool; only ever called when the pipe is empty.
+    /// A pipe smaller than what the budget would grant now is closed
+    /// instead, so that the pressure that shrank it does not outlive it.
     fn give(self) {
+        let others = BYTES.load(Ordering::Relaxed).saturating_sub(self.capacity as u64);
+        if size_allowed(others).is_some_and(|size| size > self.capacity) {
+            return;
+        }
         POOL.with(|pool| {
             let mut pool = pool.borrow_mut();
             if pool.len() < POOL_PER_THREAD {
                 pool.push(self);
             }
         });
+    }
+}
+
+/// The capacity a new pipe gets when the pipes in existence hold `in_use`
+/// bytes (see the module doc); `None`: past the budget.
+fn size_allowed(in_use: u64) -> Option<usize> {
+    let fits = |size: usize, share: u64| in_use + size as u64 <= share;
+    match quota() {
+        None => Some(PIPE_SIZE_LARGEST),
+        Some(quota) if fits(PIPE_SIZE_LARGEST, quota / 8 * 3) => Some(PIPE_SIZE_LARGEST),
+        Some(quota) if fits(PIPE_SIZE_LARGE, quota / 16 * 9) => Some(PIPE_SIZE_LARGE),
+        Some(quota) if fits(PIPE_SIZE_DEFAULT, quota / 4 * 3) => Some(PIPE_SIZE_DEFAULT),
+        Some(_) => None,
     }
 }
 
