@@ -199,7 +199,7 @@ async fn two_hundred_concurrent_connections() {
             reply.expect("exchange") == echoed(&payload, sni)
         })
     });
-    let results = within("200 connections", join_all(runs.collect())).await;
+    let results = within("200 connections", join_all(runs)).await;
     assert_eq!(results.iter().filter(|ok| **ok).count(), 200);
     for _ in 0..200 {
         assert_eq!(h.record().await.decision, "allowed");

@@ -189,7 +189,7 @@ async fn thousands_of_connections_with_faults() {
                     (addr, ok, planned.2, planned.3)
                 })
             });
-            results.extend(within(&format!("round {round}"), join_all(runs.collect())).await);
+            results.extend(within(&format!("round {round}"), join_all(runs)).await);
         }
     }
 

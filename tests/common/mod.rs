@@ -757,24 +757,8 @@ pub fn json(line: &str) -> serde_json::Value {
 
 /// Runs futures concurrently on the calling task and collects their outputs
 /// in order (the tests' futures borrow the harness, so they are not spawned).
-pub async fn join_all<F: std::future::Future>(futures: Vec<std::pin::Pin<Box<F>>>) -> Vec<F::Output> {
-    let mut set = futures;
-    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in set.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().map(|v| v.expect("completed")).collect()
-}
+#[allow(unused_imports)] // used by some of the test crates only
+pub use futures_util::future::join_all;
 
 /// Raises this process's soft open-file limit to at least `needed` (up to
 /// the hard limit; children inherit it). `Err` says why it cannot, for a
