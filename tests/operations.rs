@@ -177,9 +177,15 @@ async fn shutdown_drains_then_ends_what_is_left() {
     within("ping", ping(&mut finishing, b"y")).await;
 
     let served = h.shutdown();
-    // Not ready at once, but still accepting during the grace period.
-    let (status, _, _) = within("readyz", http(h.metrics_addr, "GET", "/readyz", &[])).await;
-    assert_eq!(status, 503);
+    // Not ready as soon as the gateway has taken the signal (the signal
+    // reaches its task asynchronously), but still accepting during the
+    // grace period.
+    within("readyz turns 503", async {
+        while http(h.metrics_addr, "GET", "/readyz", &[]).await.0 != 503 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     within("during grace", through_passthrough(&h, "a.allowed.test")).await.expect("accepted during the grace period");
     // A connection that finishes during the drain ends normally.
     let reply = within("finish", exchange(finishing, b"")).await.expect("finish");
