@@ -132,3 +132,37 @@ async fn connections_follow_the_budget_end_to_end() {
         }
     }
 }
+
+/// Hellos that break the RFC are refused before any lookup: the nameserver
+/// sees no query, the client gets decode_error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc_invalid_hellos_cost_no_lookup() {
+    use snigress::front::tls::testing::{hello_for, hello_parts, sni_ext};
+    use tokio::io::AsyncWriteExt;
+    let dns = SlowDns::start(&["a.allowed.test"], Duration::ZERO, 0).await;
+    let text = format!(
+        "listeners:\n  - {{name: pt, address: 127.0.0.1:0, mode: passthrough}}\npolicy:\n  allow: [\"*.allowed.test\"]\nresolver:\n  nameservers: [\"{}\"]\n",
+        dns.addr
+    );
+    let config = snigress::config::Config::parse(&text, "dns.yaml", std::path::Path::new(".")).expect("config");
+    let (tx, mut records) = tokio::sync::mpsc::unbounded_channel();
+    let gateway =
+        snigress::gateway::Gateway::bind(&config, std::sync::Arc::new(snigress::observe::access_log::Channel(tx)))
+            .await
+            .expect("bind");
+    let addr = gateway.local_addrs()[0].1;
+    tokio::spawn(gateway.serve(std::future::pending()));
+    let sni = sni_ext(&[(0, b"a.allowed.test")]);
+    let mut ssl3 = hello_for("a.allowed.test");
+    ssl3[2] = 0;
+    for hello in [hello_parts(&[], &[0], &sni), hello_parts(&[0x13, 0x01], &[], &sni), ssl3] {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(&hello).await.expect("write");
+        let (got, _) = within("refused", read_all(&mut tcp)).await;
+        assert_eq!(got, snigress::front::tls::alert::record(snigress::front::tls::alert::DECODE_ERROR));
+        drop(tcp); // the gateway lingers for the client's close
+        let r = within("record", records.recv()).await.expect("record");
+        assert_eq!((r.decision, r.reason), ("denied", "client_hello_invalid"), "{r:?}");
+    }
+    assert_eq!(dns.queries(), 0, "no lookup for an invalid hello");
+}

@@ -10,11 +10,16 @@
 //! - the first byte must be 22 (handshake) and the second 3 (TLS major
 //!   version), so plain HTTP, SSLv2 and garbage are refused on their first
 //!   bytes instead of making the gateway wait for a record that never ends;
+//!   the record version must be 0x0301-0x0303 (TLS 1.0-1.2; TLS 1.3 keeps
+//!   0x0301/0x0303 on the wire, RFC 8446 §5.1), so SSL 3.0 is refused;
 //! - each record is 1..=2^14 bytes (RFC 8446 §5.1) and of type handshake;
 //! - the first handshake message is a ClientHello whose declared length fits
 //!   the cap, and its records carry nothing after it;
-//! - inside, every length must add up exactly, there is at most one
+//! - inside, every length must add up exactly, there is at least one cipher
+//!   suite and one compression method (RFC 8446 §4.1.2), at most one
 //!   server_name extension and at most one host_name in it (RFC 6066 §3).
+//!
+//! A hello that fails any of these is refused before any lookup is made.
 
 use std::io;
 use std::time::Duration;
@@ -220,12 +225,17 @@ impl HelloReader {
             [_, major, ..] => *major != 3,
             [_] => false,
         };
-        if !bad {
-            Ok(())
-        } else if self.consumed == 0 {
-            Err(HelloError::NotTls)
-        } else {
-            Err(HelloError::Invalid("a non-handshake record inside the ClientHello"))
+        if bad && self.consumed == 0 {
+            return Err(HelloError::NotTls);
+        }
+        if bad {
+            return Err(HelloError::Invalid("a non-handshake record inside the ClientHello"));
+        }
+        match rest {
+            [_, _, minor, ..] if !(1..=3).contains(minor) => {
+                Err(HelloError::Invalid("record version outside TLS 1.0-1.2 (0x0301-0x0303)"))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -244,6 +254,12 @@ fn parse_body(body: &[u8]) -> Result<Hello, HelloError> {
         parse_tls_handshake_client_hello(body).map_err(|_| HelloError::Invalid("malformed ClientHello fields"))?;
     if !rest.is_empty() {
         return Err(HelloError::Invalid("trailing bytes after the extensions"));
+    }
+    if ch.ciphers.is_empty() {
+        return Err(HelloError::Invalid("no cipher suites"));
+    }
+    if ch.comp.is_empty() {
+        return Err(HelloError::Invalid("no compression methods"));
     }
     let mut hello = Hello { server_name: None, ech: false, len: 0 };
     let mut seen_server_name = false;
@@ -317,11 +333,19 @@ pub mod testing {
 
     /// A minimal but complete ClientHello with the given extensions.
     pub fn hello_with_extensions(exts: &[u8]) -> Vec<u8> {
+        hello_parts(&[0x13, 0x01], &[0], exts)
+    }
+
+    /// A ClientHello with these cipher suites (2 bytes each), compression
+    /// methods and extensions, in one record.
+    pub fn hello_parts(cipher_suites: &[u8], compression: &[u8], exts: &[u8]) -> Vec<u8> {
         let mut body = vec![3, 3];
         body.extend_from_slice(&[7; 32]); // random
         body.push(0); // session id
-        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
-        body.extend_from_slice(&[1, 0]); // null compression
+        body.extend_from_slice(&(cipher_suites.len() as u16).to_be_bytes());
+        body.extend_from_slice(cipher_suites);
+        body.push(compression.len() as u8);
+        body.extend_from_slice(compression);
         body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
         body.extend_from_slice(exts);
         let mut hs = vec![1];
@@ -365,7 +389,7 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{hello_for, hello_with_extensions, refragment, sni_ext};
+    use super::testing::{hello_for, hello_parts, hello_with_extensions, refragment, sni_ext};
     use super::*;
 
     const CAP: usize = 16 * 1024;
@@ -516,5 +540,27 @@ mod tests {
     #[test]
     fn alert_record_shape() {
         assert_eq!(alert::record(alert::ACCESS_DENIED), [21, 3, 3, 0, 2, 2, 49]);
+    }
+
+    #[test]
+    fn rfc_invalid_hellos_are_refused() {
+        let good = hello_for("a.example");
+        assert!(matches!(read_all(&good), Ok(Progress::Complete(_))));
+        // Record versions other than 0x0301-0x0303, on the first record or a later one.
+        for minor in [0u8, 4, 0xff] {
+            let mut bad = good.clone();
+            bad[2] = minor;
+            assert!(matches!(read_all(&bad), Err(HelloError::Invalid(_))), "record version 3.{minor}");
+            let mut split = refragment(&good, 40);
+            let second = 5 + usize::from(u16::from_be_bytes([split[3], split[4]]));
+            split[second + 2] = minor;
+            assert!(matches!(read_all(&split), Err(HelloError::Invalid(_))), "second record 3.{minor}");
+        }
+        let sni = sni_ext(&[(0, b"a.example")]);
+        assert_eq!(read_all(&hello_parts(&[], &[0], &sni)), Err(HelloError::Invalid("no cipher suites")));
+        assert_eq!(
+            read_all(&hello_parts(&[0x13, 0x01], &[], &sni)),
+            Err(HelloError::Invalid("no compression methods"))
+        );
     }
 }
