@@ -175,6 +175,11 @@ pub struct Config {
     pub refuse_ech: bool,
 }
 
+/// Largest config accepted: far above any real one (10 000 patterns are
+/// about 300 KiB), small enough that a wrong file or a runaway generator is
+/// refused before it costs memory.
+pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+
 /// Reads a config file's text.
 pub fn read(path: &Path) -> Result<String, ConfigError> {
     let name = path.display().to_string();
@@ -223,6 +228,17 @@ impl Config {
 
     /// Validates config text; relative paths are taken from `base`.
     pub fn parse(text: &str, source_name: &str, base: &Path) -> Result<Config, ConfigError> {
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::plain(
+                source_name,
+                format!(
+                    "the config is {} bytes, more than the {} a config may be (10 000 patterns take about 300 KiB): \
+                     is this the right file?",
+                    text.len(),
+                    "4 MiB"
+                ),
+            ));
+        }
         if text.trim().is_empty() {
             return Err(ConfigError::plain(
                 source_name,
@@ -448,6 +464,26 @@ access_log: {path: access.log}
         let located = locate(&text, "test.yaml", &e);
         assert_eq!(located.pos, Some(Pos { line: 7, column: 8 }));
         assert!(located.to_string().contains("test.yaml:7:8"), "{located}");
+    }
+
+    #[test]
+    fn huge_values_and_files_give_small_errors() {
+        let pattern = format!("a.*.{}", "x".repeat(3_000_000));
+        let e = err(&format!("{MINIMAL}policy:\n  allow: [\"{pattern}\"]\n"));
+        let text = e.to_string();
+        assert!(text.len() < 4096, "{} bytes", text.len());
+        assert!(text.contains("invalid pattern") && text.contains("more bytes"), "{text}");
+        assert_eq!(e.pos.map(|p| p.line), Some(6));
+
+        let big = format!("{MINIMAL}# {}\n", "x".repeat(MAX_CONFIG_BYTES));
+        let text = err(&big).to_string();
+        assert!(text.contains("more than the 4 MiB") && text.len() < 1024, "{text}");
+
+        // Past the YAML reader's node budget: said in words.
+        let nodes = format!("{MINIMAL}policy:\n  allow: [{}]\n", vec!["a.example"; 300_000].join(","));
+        let text = err(&nodes).to_string();
+        assert!(text.contains("too large or too deeply nested"), "{}", &text[..text.len().min(500)]);
+        assert!(text.len() < 1024, "{} bytes", text.len());
     }
 
     #[test]
