@@ -49,6 +49,11 @@ pub mod defaults {
     /// Idle: Envoy's tcp_proxy default, so behaviour under Istio does not
     /// change when snigress replaces an Envoy gateway.
     pub const IDLE: Duration = Duration::from_secs(3600);
+    /// Idle once one side has finished its stream: as HAProxy's `timeout
+    /// client-fin`/`server-fin`; a minute is long for a response still to
+    /// come after the request has ended, short for a peer that neither reads
+    /// nor closes.
+    pub const HALF_CLOSE: Duration = Duration::from_secs(60);
     /// Floor for cached DNS answers: protects the resolver from 0-TTL records
     /// (Envoy's dynamic forward proxy uses the same 5 s floor).
     pub const MIN_TTL: Duration = Duration::from_secs(5);
@@ -130,6 +135,8 @@ pub struct Timeouts {
     /// Every upstream address together.
     pub connect_total: Duration,
     pub idle: Duration,
+    /// Idle, once one direction has finished.
+    pub half_close: Duration,
     /// Longest a connection may live, whatever it does; `None`: no limit.
     pub max_lifetime: Option<Duration>,
 }

@@ -28,7 +28,7 @@ use crate::name::ServerName;
 use crate::observe::access_log::{Record, printable, rfc3339};
 use crate::observe::metrics::{ActiveGuard, ConnectResult, ConnectionKey, DnsResult, INVALID, Metrics};
 use crate::policy::Decision as Verdict;
-use crate::relay::{Transfer, copy, splice};
+use crate::relay::{IdleTimeouts, Transfer, copy, splice};
 use crate::resolve::ResolveError;
 use crate::state::{Process, Snapshot};
 
@@ -273,7 +273,8 @@ impl Pipeline<'_> {
         match Box::pin(self.setup(&mut client, facts)).await {
             Ok((mut upstream, replay)) => {
                 facts.relaying = true;
-                let idle = self.snapshot.timeouts.idle;
+                let timeouts = &self.snapshot.timeouts;
+                let idle = IdleTimeouts { open: timeouts.idle, half_closed: timeouts.half_close };
                 let ended = match client.plain_tcp() {
                     Some(tcp) => Box::pin(splice::splice(tcp, &upstream, replay, idle, self.transfer)).await,
                     None => copy::copy(&mut client, &mut upstream, replay, idle, self.transfer).await,

@@ -5,14 +5,37 @@
 //! (any stream, e.g. the decrypted mTLS stream), and [`splice`] with
 //! `splice(2)` through a pipe when both sides are plain TCP sockets.
 //! Half-close is propagated, an error on either side ends both, the idle
-//! timeout counts from the last byte moved either way, and bytes are counted
-//! as they move (see [`Transfer`]).
+//! timeout counts from the last byte moved either way (the shorter
+//! half-close timeout once one direction has finished, see
+//! [`IdleTimeouts`]), and bytes are counted as they move (see [`Transfer`]).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 pub mod copy;
 pub mod splice;
+
+/// How long a relayed connection may go without a byte moving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleTimeouts {
+    /// While both directions are open (`timeouts.idle`).
+    pub open: Duration,
+    /// Once one direction has finished (`timeouts.half_close`): a peer that
+    /// neither reads nor closes must not hold the connection for `open`.
+    pub half_closed: Duration,
+}
+
+impl IdleTimeouts {
+    /// The limit that applies, and how a connection that reaches it ends.
+    fn limit(&self, half_closed: bool) -> (Duration, Ended) {
+        if half_closed && self.half_closed < self.open {
+            (self.half_closed, Ended::HalfCloseTimeout)
+        } else {
+            (self.open, Ended::IdleTimeout)
+        }
+    }
+}
 
 /// Where byte counts go live, once a connection's metric labels are known.
 pub(crate) trait Meter: Send + Sync {
@@ -89,6 +112,9 @@ pub enum Ended {
     UpstreamError,
     /// No byte moved in either direction for the idle timeout.
     IdleTimeout,
+    /// One direction had finished and no byte moved for the half-close
+    /// timeout.
+    HalfCloseTimeout,
 }
 
 impl Ended {
@@ -99,6 +125,7 @@ impl Ended {
             Ended::ClientError => "client_error",
             Ended::UpstreamError => "upstream_error",
             Ended::IdleTimeout => "idle_timeout",
+            Ended::HalfCloseTimeout => "half_close_timeout",
         }
     }
 }

@@ -534,3 +534,28 @@ async fn the_record_names_the_last_address_tried_and_counts_the_alert() {
     assert_eq!(r.upstream_addr, Some(std::net::SocketAddr::new(ips[7].into(), 9)), "the 8th, not the 10th");
     assert_eq!((r.bytes_from_client, r.bytes_to_client), (hello.len() as u64, got.len() as u64));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_neither_reads_nor_closes_is_cut_after_the_half_close_timeout() {
+    // An upstream that accepts and then neither reads nor closes.
+    let holder = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((tcp, _)) = holder.accept().await {
+            kept.push(tcp);
+        }
+    });
+    let dns = Dns::start(ZONE).await;
+    let (addr, mut records) = small_gateway(dns.addr, port, "timeouts:\n  idle: 1h\n  half_close: 500ms\n").await;
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&client_hello("a.allowed.test")).await.expect("hello");
+    tcp.shutdown().await.expect("the client is done");
+    let asked = std::time::Instant::now();
+    let _ = within("cut", read_all(&mut tcp)).await;
+    let took = asked.elapsed();
+    let r = within("record", records.recv()).await.expect("record");
+    assert_eq!((r.decision, r.termination), ("allowed", "half_close_timeout"));
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(5), "{took:?}");
+    held.abort();
+}

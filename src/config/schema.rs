@@ -125,6 +125,7 @@ pub(super) struct RawTimeouts {
     pub connect: Spanned<Dur>,
     pub connect_total: Spanned<Dur>,
     pub idle: Spanned<Dur>,
+    pub half_close: Spanned<Dur>,
     pub max_lifetime: Option<Spanned<Dur>>,
 }
 
@@ -137,6 +138,7 @@ impl Default for RawTimeouts {
             connect: unspanned(Dur(defaults::CONNECT)),
             connect_total: unspanned(Dur(defaults::CONNECT_TOTAL)),
             idle: unspanned(Dur(defaults::IDLE)),
+            half_close: unspanned(Dur(defaults::HALF_CLOSE)),
             max_lifetime: None,
         }
     }

@@ -273,6 +273,7 @@ fn timeouts(t: &RawTimeouts, ctx: &Ctx<'_>) -> Result<Timeouts, ConfigError> {
         ("connect", &t.connect),
         ("connect_total", &t.connect_total),
         ("idle", &t.idle),
+        ("half_close", &t.half_close),
     ] {
         if d.value.0.is_zero() {
             return Err(ctx.at(d, format!("timeouts.{key}: must be greater than zero")));
@@ -294,6 +295,7 @@ fn timeouts(t: &RawTimeouts, ctx: &Ctx<'_>) -> Result<Timeouts, ConfigError> {
         connect: t.connect.value.0,
         connect_total: t.connect_total.value.0,
         idle: t.idle.value.0,
+        half_close: t.half_close.value.0,
         max_lifetime,
     })
 }

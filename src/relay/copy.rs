@@ -13,12 +13,11 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::{Ended, Side, Transfer};
+use super::{Ended, IdleTimeouts, Side, Transfer};
 
 /// Size of each direction's copy buffer: one full TLS record (16 KiB of
 /// payload plus its framing), so a record is moved in one read and one write.
@@ -125,12 +124,13 @@ impl Half {
 }
 
 /// Writes `replay` to the upstream, then copies both ways until both
-/// directions are finished, one side fails, or nothing moves for `idle`.
+/// directions are finished, one side fails, or nothing moves for the idle
+/// timeout that applies.
 pub(crate) async fn copy<C, U>(
     client: &mut C,
     upstream: &mut U,
     replay: Vec<u8>,
-    idle: Duration,
+    idle: IdleTimeouts,
     transfer: &Transfer,
 ) -> Ended
 where
@@ -141,7 +141,8 @@ where
     let mut down = Half::new(Side::Upstream, Vec::new());
     let mut first_eof: Option<Side> = None;
     let mut last_moved = Instant::now();
-    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
+    let mut half_closed = false;
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle.open));
 
     poll_fn(|cx| {
         let mut moved = false;
@@ -169,13 +170,19 @@ where
         if moved {
             last_moved = Instant::now();
         }
+        if !half_closed && (up.done || down.done) {
+            // The limit may have just become shorter: bring the timer forward.
+            half_closed = true;
+            timer.as_mut().reset(last_moved + idle.limit(true).0);
+        }
         // The timer is re-armed lazily: it fires at most once per idle period
         // and is then moved to the real deadline if bytes moved meanwhile.
         loop {
             ready!(timer.as_mut().poll(cx));
-            let deadline = last_moved + idle;
+            let (limit, ended) = idle.limit(half_closed);
+            let deadline = last_moved + limit;
             if deadline <= Instant::now() {
-                return Poll::Ready(Ended::IdleTimeout);
+                return Poll::Ready(ended);
             }
             timer.as_mut().reset(deadline);
         }
@@ -186,7 +193,51 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// The same timeout open and half-closed.
+    fn idle(secs: u64) -> IdleTimeouts {
+        IdleTimeouts { open: Duration::from_secs(secs), half_closed: Duration::from_secs(secs) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_neither_reads_nor_closes_is_cut_after_the_half_close_timeout() {
+        let (mut client, mut gw_client) = duplex(64);
+        // An upstream that never reads (its end is kept, not read) nor closes.
+        let (mut gw_upstream, _upstream) = duplex(64);
+        let transfer = Transfer::default();
+        let timeouts = IdleTimeouts { open: Duration::from_secs(3600), half_closed: Duration::from_secs(60) };
+        let started = Instant::now();
+        client.shutdown().await.unwrap();
+        let ended = copy(&mut gw_client, &mut gw_upstream, b"hi".to_vec(), timeouts, &transfer).await;
+        assert_eq!(ended, Ended::HalfCloseTimeout);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(60) && took < Duration::from_secs(61), "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_still_moving_after_a_half_close_keep_the_connection() {
+        let (mut client, mut gw_client) = duplex(64);
+        let (mut gw_upstream, mut upstream) = duplex(64);
+        let transfer = Transfer::default();
+        let timeouts = IdleTimeouts { open: Duration::from_secs(3600), half_closed: Duration::from_secs(5) };
+        let gateway = copy(&mut gw_client, &mut gw_upstream, Vec::new(), timeouts, &transfer);
+        let peers = async {
+            client.shutdown().await.unwrap();
+            // A slow download: a byte every 3 s, for 30 s.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                upstream.write_all(b"x").await.unwrap();
+                let mut b = [0u8; 1];
+                client.read_exact(&mut b).await.unwrap();
+            }
+            upstream.shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(gateway, peers);
+        assert_eq!(ended, Ended::ClientClosed);
+        assert_eq!(transfer.bytes_to_client(), 10);
+    }
 
     #[tokio::test]
     async fn replays_then_copies_both_ways_with_half_close() {
@@ -194,9 +245,7 @@ mod tests {
         let (mut gw_upstream, mut upstream) = duplex(64);
         let transfer = Transfer::default();
         transfer.add_from_client(5);
-        let gateway = async {
-            copy(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), Duration::from_secs(30), &transfer).await
-        };
+        let gateway = async { copy(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), idle(30), &transfer).await };
         // Both peers run at once: the pipes hold 64 bytes, so neither may wait
         // for the other to finish first.
         let client_side = async {
@@ -227,7 +276,7 @@ mod tests {
         let (mut gw_upstream, _upstream) = duplex(64);
         let transfer = Transfer::default();
         let started = Instant::now();
-        let t = copy(&mut gw_client, &mut gw_upstream, Vec::new(), Duration::from_secs(5), &transfer).await;
+        let t = copy(&mut gw_client, &mut gw_upstream, Vec::new(), idle(5), &transfer).await;
         assert_eq!(t, Ended::IdleTimeout);
         assert!(started.elapsed() >= Duration::from_secs(5));
     }
@@ -237,7 +286,7 @@ mod tests {
         let (mut client, mut gw_client) = duplex(64);
         let (mut gw_upstream, mut upstream) = duplex(64);
         let transfer = Transfer::default();
-        let gateway = copy(&mut gw_client, &mut gw_upstream, Vec::new(), Duration::from_secs(5), &transfer);
+        let gateway = copy(&mut gw_client, &mut gw_upstream, Vec::new(), idle(5), &transfer);
         let peers = async {
             for _ in 0..4 {
                 tokio::time::sleep(Duration::from_secs(3)).await;
@@ -259,7 +308,7 @@ mod tests {
         let (mut gw_upstream, upstream) = duplex(64);
         drop(upstream);
         let transfer = Transfer::default();
-        let gateway = copy(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), Duration::from_secs(30), &transfer);
+        let gateway = copy(&mut gw_client, &mut gw_upstream, b"hello".to_vec(), idle(30), &transfer);
         let t = gateway.await;
         assert_eq!(t, Ended::UpstreamError);
         let mut rest = Vec::new();

@@ -40,7 +40,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{Ended, Side, Transfer};
+use super::{Ended, IdleTimeouts, Side, Transfer};
 
 /// Pipe capacity while pipes are few: the largest an unprivileged process
 /// may ask for (`/proc/sys/fs/pipe-max-size`), so a bulk transfer takes the
@@ -209,6 +209,8 @@ struct Activity<'a> {
     last_ms: AtomicU64,
     /// Which side ended its stream first: 0 none, 1 client, 2 upstream.
     first_eof: AtomicU8,
+    /// Signalled when a side ends its stream: the idle limit may shorten.
+    eof: tokio::sync::Notify,
 }
 
 impl Activity<'_> {
@@ -236,23 +238,28 @@ impl Activity<'_> {
 
 /// Writes `replay` to the upstream, then moves bytes both ways with
 /// `splice(2)` until both directions are finished, one side fails, or
-/// nothing moves for `idle`.
+/// nothing moves for the idle timeout that applies.
 pub(crate) async fn splice(
     client: &TcpStream,
     upstream: &TcpStream,
     replay: Vec<u8>,
-    idle: Duration,
+    idle: IdleTimeouts,
     transfer: &Transfer,
 ) -> Ended {
     // An upstream that never opens its window must not hold this forever.
-    match tokio::time::timeout(idle, write_all(upstream, &replay)).await {
+    match tokio::time::timeout(idle.open, write_all(upstream, &replay)).await {
         Err(_) => return Ended::IdleTimeout,
         Ok(Err(_)) => return Ended::UpstreamError,
         Ok(Ok(())) => {}
     }
     drop(replay);
-    let progress =
-        Activity { transfer, started: Instant::now(), last_ms: AtomicU64::new(0), first_eof: AtomicU8::new(0) };
+    let progress = Activity {
+        transfer,
+        started: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        first_eof: AtomicU8::new(0),
+        eof: tokio::sync::Notify::new(),
+    };
     let both = async {
         tokio::try_join!(
             pump(client, upstream, Side::Client, &progress),
@@ -261,11 +268,20 @@ pub(crate) async fn splice(
     };
     let idle_watch = async {
         loop {
+            let half_closed = progress.first_eof.load(Ordering::Relaxed) != 0;
+            let (limit, ended) = idle.limit(half_closed);
             let last = progress.started + Duration::from_millis(progress.last_ms.load(Ordering::Relaxed));
-            tokio::time::sleep_until(last + idle).await;
-            let last = progress.started + Duration::from_millis(progress.last_ms.load(Ordering::Relaxed));
-            if last + idle <= Instant::now() {
-                return;
+            if last + limit <= Instant::now() {
+                return ended;
+            }
+            if half_closed {
+                tokio::time::sleep_until(last + limit).await;
+            } else {
+                // A side ending its stream brings the deadline forward.
+                tokio::select! {
+                    () = tokio::time::sleep_until(last + limit) => {}
+                    () = progress.eof.notified() => {}
+                }
             }
         }
     };
@@ -275,7 +291,7 @@ pub(crate) async fn splice(
             Ok(_) => Ended::ClientClosed,
             Err(side) => side.failed(),
         },
-        () = idle_watch => Ended::IdleTimeout,
+        ended = idle_watch => ended,
     }
 }
 
@@ -307,6 +323,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, source: Side, progress: &Activit
             let code = if source == Side::Client { 1 } else { 2 };
             let _ = progress.first_eof.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
             progress.moved();
+            progress.eof.notify_one();
             return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write).map_err(|_| source.other());
         }
     }

@@ -23,7 +23,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::arrive::mtls::{load_certs, load_key, provider, spiffe_id};
 use crate::identity::Principal;
-use crate::relay::{Transfer, copy::copy};
+use crate::relay::{IdleTimeouts, Transfer, copy::copy};
 
 /// ALPN an Istio sidecar offers for a TCP/TLS destination port.
 pub const ISTIO_ALPN: [&str; 2] = ["istio-peer-exchange", "istio"];
@@ -137,7 +137,8 @@ impl Sidecar {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the gateway timed out"))??;
         let mut outer = outer;
         let transfer = Transfer::default();
-        let how = copy(&mut app, &mut outer, Vec::new(), s.idle_timeout, &transfer).await;
+        let idle = IdleTimeouts { open: s.idle_timeout, half_closed: s.idle_timeout };
+        let how = copy(&mut app, &mut outer, Vec::new(), idle, &transfer).await;
         Ok((transfer, how.as_str()))
     }
 }
