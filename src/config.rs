@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::arrive::mtls::{MaterialError, MaterialPaths, OuterSettings};
+use crate::arrive::mtls::{MaterialError, MaterialPaths, MinVersion, OuterSettings};
 use crate::observe::metrics::Caps;
 use crate::policy::PolicySpec;
 use crate::resolve::ResolverSettings;
@@ -123,6 +123,7 @@ pub struct Mtls {
     pub source: MtlsSource,
     pub trust_domains: Vec<String>,
     pub alpn: Vec<String>,
+    pub min_version: MinVersion,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -283,6 +284,7 @@ impl Config {
             paths: self.material_paths()?,
             trust_domains: mtls.trust_domains.clone(),
             alpn: mtls.alpn.clone(),
+            min_version: mtls.min_version,
             handshake_timeout: self.timeouts.handshake,
         })
     }
@@ -423,6 +425,7 @@ access_log: {path: access.log}
             (&format!("{MINIMAL}mtls:\n  dev_pki: pki\n  alpn: [istio-peer-exchange]\n"), 7, 10, "istio-peer-exchange"),
             (&format!("{MINIMAL}mtls:\n  cert: a.pem\n"), 6, 3, "missing key, client_ca"),
             (&format!("{MINIMAL}mtls:\n  dev_pki: pki\n  trust_domains: [Cluster.Local]\n"), 7, 19, "trust_domains"),
+            (&format!("{MINIMAL}mtls:\n  dev_pki: pki\n  min_version: \"1.1\"\n"), 7, 16, "mtls.min_version"),
             (&format!("{MINIMAL}policy:\n  rules:\n    - name: r\n      allow: [a.example]\n"), 7, 7, "select callers"),
             (
                 &format!("{MINIMAL}policy:\n  rules:\n    - service_accounts: [checkout]\n      allow: [a.example]\n"),

@@ -437,3 +437,36 @@ fn a_real_hello_needs_more_at_every_prefix_then_completes() {
         }
     }
 }
+
+/// An outer handshake offering only `version`.
+async fn outer_with(h: &Harness, version: &'static rustls::SupportedProtocolVersion) -> std::io::Result<OuterStream> {
+    let (certs, key) = h.pki.client(SLEEP);
+    let config = rustls::ClientConfig::builder_with_provider(snigress::arrive::mtls::provider())
+        .with_protocol_versions(&[version])
+        .expect("versions")
+        .with_root_certificates(h.pki.roots())
+        .with_client_auth_cert(certs, key)
+        .expect("client cert");
+    let tcp = TcpStream::connect(h.addr("mtls")).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outer_layer_takes_tls_1_2_and_1_3_unless_min_version_says_1_3() {
+    use rustls::version::{TLS12, TLS13};
+    let h = Harness::start().await;
+    for version in [&TLS12, &TLS13] {
+        let outer = within("outer", outer_with(&h, version)).await.expect("accepted by default");
+        assert_eq!(outer.get_ref().1.protocol_version(), Some(version.version));
+    }
+    drop(h);
+
+    let mut h = Harness::with(Options { mtls: vec!["min_version: \"1.3\"".into()], ..Options::default() }).await;
+    within("TLS 1.3", outer_with(&h, &TLS13)).await.expect("TLS 1.3 is accepted");
+    let e = within("TLS 1.2", outer_with(&h, &TLS12)).await.map(|_| ()).expect_err("TLS 1.2 is refused");
+    assert_eq!(alert_of(&e), Some(rustls::AlertDescription::ProtocolVersion), "{e}");
+    // Two records: the TLS 1.3 caller that left, and the refused one.
+    let reasons = [h.record().await.reason, h.record().await.reason];
+    assert!(reasons.contains(&"outer_handshake_failed"), "{reasons:?}");
+}

@@ -2,6 +2,10 @@
 //! client verification (chain to the mesh roots, then a SPIFFE ID in an
 //! accepted trust domain) and the handshake with its timeout.
 //!
+//! TLS 1.2 and 1.3 by default (`mtls.min_version: "1.3"` for strict meshes),
+//! the AEAD suites of the aws-lc-rs provider only, client certificates
+//! always required.
+//!
 //! The outer SNI is recorded for the log and never used for routing: Istio
 //! sets it to `outbound_.<port>_.<subset>_.<host>`, not the application's
 //! name. The server never negotiates ALPN `istio-peer-exchange` (an Envoy
@@ -98,6 +102,16 @@ impl MaterialError {
     }
 }
 
+/// The lowest TLS version the outer layer accepts (`mtls.min_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MinVersion {
+    /// TLS 1.2 and 1.3: Istio's default (`meshMTLS.minProtocolVersion`).
+    #[default]
+    Tls12,
+    /// TLS 1.3 only, for meshes that set `minProtocolVersion: TLSV1_3`.
+    Tls13,
+}
+
 /// Outer-layer settings from the config.
 #[derive(Debug, Clone)]
 pub struct OuterSettings {
@@ -106,6 +120,7 @@ pub struct OuterSettings {
     pub trust_domains: Vec<String>,
     /// ALPN protocols the server may select; never `istio-peer-exchange`.
     pub alpn: Vec<String>,
+    pub min_version: MinVersion,
     pub handshake_timeout: Duration,
 }
 
@@ -150,8 +165,16 @@ pub fn server_config(settings: &OuterSettings) -> Result<(Arc<ServerConfig>, Opt
         .build()
         .map_err(|e| ca_err(format!("cannot build the client verifier: {e}")))?;
     let verifier = Arc::new(SpiffeVerifier { inner: webpki, trust_domains: settings.trust_domains.clone() });
+    let versions: &[&rustls::SupportedProtocolVersion] = match settings.min_version {
+        MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    // Session resumption stays rustls's default: stateful, an in-memory
+    // cache of 256 sessions per config (so every reload and certificate
+    // rotation starts a new one), no tickets; a resumed session carries the
+    // identity verified at its full handshake.
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| cert_err(format!("TLS setup failed: {e}")))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)

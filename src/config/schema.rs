@@ -68,6 +68,7 @@ pub(super) struct RawMtls {
     pub dev_pki: Option<Spanned<String>>,
     pub trust_domains: Option<Spanned<Vec<Spanned<String>>>>,
     pub alpn: Vec<Spanned<String>>,
+    pub min_version: Option<Spanned<TlsVersion>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -274,6 +275,37 @@ impl FromStr for PrincipalSelector {
         Principal::parse(&full)
             .map(|p| PrincipalSelector(p.without_scheme().to_owned()))
             .map_err(|e| format!("invalid principal {s:?}: {e}"))
+    }
+}
+
+/// `mtls.min_version`: "1.2" or "1.3", quoted or not (YAML reads 1.2 as a
+/// number).
+pub(super) struct TlsVersion(pub crate::arrive::mtls::MinVersion);
+
+impl<'de> Deserialize<'de> for TlsVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use crate::arrive::mtls::MinVersion;
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TlsVersion;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"1.2\" or \"1.3\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TlsVersion, E> {
+                match v {
+                    "1.2" => Ok(TlsVersion(MinVersion::Tls12)),
+                    "1.3" => Ok(TlsVersion(MinVersion::Tls13)),
+                    _ => Err(E::custom(format!(
+                        "mtls.min_version: {:?} is not \"1.2\" (TLS 1.2 and 1.3, Istio's default) or \"1.3\"",
+                        super::error::clip_lines(v)
+                    ))),
+                }
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<TlsVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

@@ -158,7 +158,12 @@ fn mtls(m: &Spanned<RawMtls>, ctx: &Ctx<'_>) -> Result<Mtls, ConfigError> {
         }
         alpn.push(p.value.clone());
     }
-    Ok(Mtls { source, trust_domains, alpn })
+    Ok(Mtls {
+        source,
+        trust_domains,
+        alpn,
+        min_version: raw.min_version.as_ref().map(|v| v.value.0).unwrap_or_default(),
+    })
 }
 
 fn policy(raw: RawPolicy, ctx: &Ctx<'_>) -> Result<PolicySpec, ConfigError> {
