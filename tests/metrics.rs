@@ -6,6 +6,8 @@ mod common;
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
 use common::*;
 use snigress::observe::access_log::Record;
 use snigress::observe::metrics::{NONE, OVERFLOW};
@@ -229,4 +231,75 @@ async fn the_endpoint_answers_only_what_it_should() {
         assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 431"), "{}", String::from_utf8_lossy(&reply));
     })
     .await;
+}
+
+/// 1 000 clients that connect to the admin port and send nothing, or
+/// trickle a request a byte at a time, reconnecting whenever they are let
+/// go: the probes keep being answered, each within 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_answered_under_a_thousand_idle_and_slow_clients() {
+    const HOLDERS: usize = 1000;
+    if let Err(why) = raise_fd_limit(4 * HOLDERS as u64) {
+        println!("skipped: {why}");
+        return;
+    }
+    let h = Harness::start().await;
+    let addr = h.metrics_addr;
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let holders: Vec<_> = (0..HOLDERS)
+        .map(|i| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let hold = async {
+                    loop {
+                        let Ok(mut tcp) = TcpStream::connect(addr).await else {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        };
+                        if i % 2 == 1 {
+                            // Slow: a byte of a request every 300 ms, never the end.
+                            for b in b"GET /metrics HTTP/1.1\r\nX-Slow: ".iter().chain(std::iter::repeat(&b'a')) {
+                                if tcp.write_all(&[*b]).await.is_err() {
+                                    break;
+                                }
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                            }
+                        } else {
+                            // Idle: nothing, until let go.
+                            let _ = read_all(&mut tcp).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                tokio::select! {
+                    () = hold => {}
+                    () = stop.notified() => {}
+                }
+            })
+        })
+        .collect();
+    // Let the holders fill the endpoint, then probe for a few seconds: long
+    // enough for idle ones to be dropped at the first-byte timeout and
+    // reconnect.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..60 {
+        let path = if i % 2 == 0 { "/healthz" } else { "/readyz" };
+        let asked = std::time::Instant::now();
+        let (status, _, _) = within("probe", http(addr, "GET", path, &[])).await;
+        let took = asked.elapsed();
+        assert_eq!(status, 200, "{path}");
+        slowest = slowest.max(took);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, body) = within("scrape", http(addr, "GET", "/metrics", &[])).await;
+    assert!(status == 200 && body.contains("snigress_build_info"), "a scrape is answered too");
+    println!("slowest of 60 probes under {HOLDERS} holders: {slowest:?}");
+    assert!(slowest < Duration::from_millis(100), "slowest probe {slowest:?}");
+    for _ in 0..HOLDERS {
+        stop.notify_one();
+    }
+    for holder in holders {
+        holder.abort();
+    }
 }

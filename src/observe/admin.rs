@@ -2,28 +2,38 @@
 //! the proxy listeners.
 //!
 //! A deliberately small HTTP/1.x server: one request per connection
-//! (`Connection: close`), a request head of at most [`MAX_REQUEST_BYTES`]
-//! read within [`REQUEST_TIMEOUT`], at most [`MAX_CLIENTS`] served at once.
-//! A slow or hostile client of this port can neither hold resources long
-//! nor take them from the proxy.
+//! (`Connection: close`), a request head of at most [`MAX_REQUEST_BYTES`].
+//! It must answer the kubelet's probes whatever else connects, so:
+//! - a connection that sends no byte within [`FIRST_BYTE_TIMEOUT`], or no
+//!   whole head within [`REQUEST_TIMEOUT`], is closed;
+//! - up to [`MAX_CLIENTS`] connections are held at once (a task and a small
+//!   buffer each); when that many are open, a new connection evicts the
+//!   oldest one still waiting for its request head, instead of being
+//!   refused: idle and slow clients cannot starve a probe, only each other.
+//!   A connection whose head has arrived is never evicted.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::observe::access_log::Sink;
 use crate::observe::metrics::Metrics;
 
 /// Largest request head accepted (request line and headers).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// Time allowed to send the request head and take the response.
+/// Time allowed for the first byte of a request: a probe sends its request
+/// at once.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time allowed to send the whole request head and take the response.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Requests served at once; more are closed without an answer.
-pub const MAX_CLIENTS: usize = 32;
+/// Connections held at once: far more than any scraper and probes need,
+/// and a bounded share of the descriptors (the proxy keeps the rest).
+pub const MAX_CLIENTS: usize = 512;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -39,36 +49,99 @@ pub struct Status {
     pub sink: Arc<dyn Sink>,
 }
 
+/// The connections waiting for their request head, oldest first: the ones
+/// a new connection may evict.
+#[derive(Default)]
+struct Waiting {
+    queue: Mutex<VecDeque<(u64, CancellationToken)>>,
+    /// Connections open now, waiting or answered.
+    open: AtomicU64,
+}
+
+impl Waiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, CancellationToken)>> {
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// No longer evictable (its head arrived, or it ended).
+    fn forget(&self, id: u64) {
+        self.lock().retain(|(waiting, _)| *waiting != id);
+    }
+
+    /// Makes room for one more connection: `false` when every one open is
+    /// being answered.
+    fn make_room(&self) -> bool {
+        if self.open.load(Ordering::Relaxed) < MAX_CLIENTS as u64 {
+            return true;
+        }
+        match self.lock().pop_front() {
+            Some((_, oldest)) => {
+                oldest.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// One admin connection's place: released when its task ends.
+struct Place {
+    waiting: Arc<Waiting>,
+    id: u64,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.waiting.forget(self.id);
+        self.waiting.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, status: Status) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let waiting = Arc::new(Waiting::default());
     let mut backoff = crate::net::Backoff::default();
-    loop {
+    for id in 0.. {
         let (tcp, _) = crate::net::accept(&listener, &mut backoff, |e, _| {
             tracing::debug!(error = %e, "metrics endpoint: accept failed");
         })
         .await;
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue; // dropped: closed at once
-        };
+        if !waiting.make_room() {
+            continue; // every connection is being answered: closed at once
+        }
+        let evicted = CancellationToken::new();
+        waiting.lock().push_back((id, evicted.clone()));
+        waiting.open.fetch_add(1, Ordering::Relaxed);
+        let place = Place { waiting: waiting.clone(), id };
         let status = status.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(tcp, &status)).await;
-            drop(slot);
+            tokio::select! {
+                _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(tcp, &status, &place)) => {}
+                () = evicted.cancelled() => {}
+            }
+            drop(place);
         });
     }
 }
 
-async fn answer(mut tcp: TcpStream, status: &Status) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
+async fn answer(mut tcp: TcpStream, status: &Status, place: &Place) -> std::io::Result<()> {
+    let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     let end = loop {
-        let n = tcp.read(&mut buf).await?;
+        let n = if head.is_empty() {
+            match tokio::time::timeout(FIRST_BYTE_TIMEOUT, tcp.read(&mut buf)).await {
+                Ok(read) => read?,
+                Err(_) => return Ok(()),
+            }
+        } else {
+            tcp.read(&mut buf).await?
+        };
         if n == 0 {
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
         if let Some(end) = find_end(&head) {
+            place.waiting.forget(place.id);
             break end;
         }
         if head.len() > MAX_REQUEST_BYTES {
