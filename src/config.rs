@@ -75,6 +75,14 @@ pub mod defaults {
     /// so one misbehaving caller cannot take every slot while a normal pod
     /// (a few hundred connections at most) never meets it.
     pub const MAX_CONNECTIONS_PER_SOURCE: usize = 2_500;
+    /// Connections still before their destination is known, as a share of
+    /// `max_connections`: a quarter, so sockets that connect and say
+    /// nothing can never take the slots of working connections.
+    pub const PENDING_SHARE: usize = 4;
+    /// The first byte of a connection: a real client sends its ClientHello
+    /// (or outer handshake) right after connecting; 2 s frees a slot held by
+    /// one that never does long before the handshake timeout would.
+    pub const FIRST_BYTE: Duration = Duration::from_secs(2);
     /// After SIGTERM, keep accepting this long: Kubernetes takes a few
     /// seconds to take a terminating pod out of its Service's endpoints.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -128,6 +136,8 @@ pub struct Mtls {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
+    /// The first byte after connecting.
+    pub first_byte: Duration,
     pub handshake: Duration,
     pub client_hello: Duration,
     pub dns: Duration,
@@ -154,6 +164,9 @@ pub struct MetricsSettings {
 pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_source: usize,
+    /// Connections whose destination is not known yet (outer handshake or
+    /// ClientHello still to come); past it the oldest such one is evicted.
+    pub max_pending_connections: usize,
     pub client_hello_bytes: usize,
 }
 
@@ -308,6 +321,9 @@ impl Config {
         }
         if self.limits.max_connections_per_source != running.limits.max_connections_per_source {
             keys.push("limits.max_connections_per_source");
+        }
+        if self.limits.max_pending_connections != running.limits.max_pending_connections {
+            keys.push("limits.max_pending_connections");
         }
         if self.shutdown != running.shutdown {
             keys.push("shutdown");

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::admission::PendingTicket;
 use crate::arrive::ClientStream;
 use crate::config::Mode;
 use crate::connect::{Budget, connect};
@@ -75,12 +76,14 @@ impl Facts {
 }
 
 /// Runs one accepted connection to its end and emits its access record.
+/// `pending` is its place among the connections without a destination yet.
 pub(crate) async fn handle(
     tcp: TcpStream,
     client_addr: SocketAddr,
     listener: Arc<ListenerInfo>,
     snapshot: Arc<Snapshot>,
     process: Process,
+    pending: PendingTicket,
 ) {
     let mut recorder = Recorder::start(client_addr, listener, &process);
     let pipeline = Pipeline {
@@ -88,9 +91,11 @@ pub(crate) async fn handle(
         snapshot: &snapshot,
         metrics: &process.metrics,
         transfer: &recorder.transfer,
+        pending: &pending,
     };
     // The stages run until they end by themselves, or are cut short by the
-    // connection's maximum lifetime or the end of a drain.
+    // connection's maximum lifetime, the end of a drain, or an eviction
+    // while it has no destination yet.
     let lifetime = async {
         match snapshot.timeouts.max_lifetime {
             Some(limit) => tokio::time::sleep(limit).await,
@@ -101,6 +106,7 @@ pub(crate) async fn handle(
         termination = pipeline.run(tcp, &mut recorder.facts) => Ok(termination),
         () = lifetime => Err(ConnError::MaxLifetime),
         () = process.cut.cancelled() => Err(ConnError::Shutdown),
+        () = pending.evicted() => Err(ConnError::Evicted),
     };
     let termination = ended.unwrap_or_else(|by| cut(&mut recorder.facts, by));
     recorder.finish(termination);
@@ -219,12 +225,22 @@ struct Pipeline<'a> {
     snapshot: &'a Snapshot,
     metrics: &'a Metrics,
     transfer: &'a Transfer,
+    pending: &'a PendingTicket,
 }
 
 impl Pipeline<'_> {
     /// The whole data path for one accepted socket: the arrival, then the
     /// front and what follows on the client's stream.
     async fn run(&self, tcp: TcpStream, facts: &mut Facts) -> Termination {
+        // A client sends its first flight at once; one that sends nothing
+        // gives its slot back long before a handshake timeout would (and
+        // never later than one).
+        let timeouts = &self.snapshot.timeouts;
+        let stage = if self.listener.mode == Mode::Mtls { timeouts.handshake } else { timeouts.client_hello };
+        // (A fresh socket counts as readable at first: peek waits for a byte.)
+        if tokio::time::timeout(timeouts.first_byte.min(stage), tcp.peek(&mut [0u8; 1])).await.is_err() {
+            return facts.refuse(ConnError::FirstByteTimeout);
+        }
         // Each path is boxed on its own: a connection's task then holds only
         // the state of its own kind (a passthrough connection does not pay
         // for the size of the TLS stream).
@@ -315,6 +331,7 @@ impl Pipeline<'_> {
         let destination = Destination { name, port: self.listener.upstream_port, identity: facts.principal.clone() };
 
         self.authorize(&destination, hello.ech, facts)?;
+        self.pending.settle();
         let addrs = self.resolve(&destination.name).await?;
         let upstream = self.connect(&addrs, destination.port, facts).await?;
         Ok((upstream, read))

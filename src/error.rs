@@ -64,6 +64,8 @@ pub enum Termination {
     Relayed(Ended),
     /// Cut by `timeouts.max_lifetime`.
     MaxLifetime,
+    /// No first byte within `timeouts.first_byte`.
+    FirstByteTimeout,
     /// Cut at the end of the drain.
     DrainTimeout,
     /// Refused (with an alert where the client speaks TLS) and closed.
@@ -82,6 +84,7 @@ impl Termination {
         match self {
             Termination::Relayed(ended) => ended.as_str(),
             Termination::MaxLifetime => "max_lifetime",
+            Termination::FirstByteTimeout => "first_byte_timeout",
             Termination::DrainTimeout => "drain_timeout",
             Termination::Refused => "refused",
             Termination::HandshakeFailed => "handshake_failed",
@@ -107,6 +110,10 @@ pub enum ConnError {
     ConnectionLimit,
     #[error("limits.max_connections_per_source reached for this client address")]
     SourceLimit,
+    #[error("no byte within timeouts.first_byte")]
+    FirstByteTimeout,
+    #[error("evicted: limits.max_pending_connections reached and this was the oldest connection without a destination")]
+    Evicted,
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
     #[error(transparent)]
@@ -137,6 +144,8 @@ impl ConnError {
         match self {
             ConnError::ConnectionLimit => "connection_limit",
             ConnError::SourceLimit => "source_limit",
+            ConnError::FirstByteTimeout => "first_byte_timeout",
+            ConnError::Evicted => "pending_evicted",
             ConnError::Handshake(e) => e.reason(),
             ConnError::Hello(ReadError::Hello(e)) => e.reason(),
             ConnError::Hello(ReadError::Timeout { .. }) => "client_hello_timeout",
@@ -157,7 +166,8 @@ impl ConnError {
     pub fn side(&self) -> Side {
         match self {
             ConnError::Handshake(_) | ConnError::Hello(_) | ConnError::NoSni | ConnError::InvalidSni(_) => Side::Client,
-            ConnError::SourceLimit => Side::Client,
+            ConnError::SourceLimit | ConnError::FirstByteTimeout => Side::Client,
+            ConnError::Evicted => Side::Internal,
             ConnError::Denied(_) | ConnError::Ech | ConnError::Resolve(ResolveError::AllRefused(_)) => Side::Policy,
             ConnError::Resolve(_) | ConnError::Connect(_) => Side::Upstream,
             ConnError::ConnectionLimit | ConnError::MaxLifetime | ConnError::Shutdown | ConnError::Internal(_) => {
@@ -173,6 +183,7 @@ impl ConnError {
         match self {
             ConnError::ConnectionLimit
             | ConnError::SourceLimit
+            | ConnError::Evicted
             | ConnError::Handshake(_)
             | ConnError::Hello(ReadError::Hello(_))
             | ConnError::NoSni
@@ -181,6 +192,7 @@ impl ConnError {
             | ConnError::Ech
             | ConnError::Resolve(ResolveError::AllRefused(_)) => Decision::Denied,
             ConnError::Hello(_)
+            | ConnError::FirstByteTimeout
             | ConnError::Resolve(_)
             | ConnError::Connect(_)
             | ConnError::MaxLifetime
@@ -199,6 +211,7 @@ impl ConnError {
             ConnError::Resolve(ResolveError::Timeout) => Termination::DnsTimeout,
             ConnError::Connect(e) if e.timed_out() => Termination::ConnectTimeout,
             ConnError::MaxLifetime => Termination::MaxLifetime,
+            ConnError::FirstByteTimeout => Termination::FirstByteTimeout,
             ConnError::Shutdown => Termination::DrainTimeout,
             ConnError::Internal(_) => Termination::Internal,
             _ => Termination::Refused,
@@ -226,6 +239,8 @@ impl ConnError {
             | ConnError::Hello(ReadError::Closed { .. } | ReadError::Io(_))
             | ConnError::ConnectionLimit
             | ConnError::SourceLimit
+            | ConnError::FirstByteTimeout
+            | ConnError::Evicted
             | ConnError::Handshake(_)
             | ConnError::MaxLifetime
             | ConnError::Shutdown => None,
@@ -245,10 +260,10 @@ impl ConnError {
             ConnError::Connect(e) if e.timed_out() => 504,
             ConnError::Connect(_) => 502,
             ConnError::NoSni | ConnError::InvalidSni(_) | ConnError::Hello(ReadError::Hello(_)) => 400,
-            ConnError::Hello(_) => 408,
+            ConnError::Hello(_) | ConnError::FirstByteTimeout => 408,
             ConnError::Handshake(_) => 400,
             ConnError::SourceLimit => 429,
-            ConnError::ConnectionLimit | ConnError::MaxLifetime | ConnError::Shutdown => 503,
+            ConnError::ConnectionLimit | ConnError::Evicted | ConnError::MaxLifetime | ConnError::Shutdown => 503,
             ConnError::Internal(_) => 500,
         }
     }
@@ -284,6 +299,8 @@ mod tests {
         let cases: Vec<Case> = vec![
             (ConnError::ConnectionLimit, "connection_limit", "denied", "internal", "refused", None, 503),
             (ConnError::SourceLimit, "source_limit", "denied", "client", "refused", None, 429),
+            (ConnError::FirstByteTimeout, "first_byte_timeout", "error", "client", "first_byte_timeout", None, 408),
+            (ConnError::Evicted, "pending_evicted", "denied", "internal", "refused", None, 503),
             (
                 HandshakeError::Timeout.into(),
                 "outer_handshake_timeout",

@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Pending;
 use crate::config::{Config, Shutdown};
 use crate::conn::ListenerInfo;
 use crate::observe::access_log::Sink;
@@ -48,6 +49,8 @@ pub struct Gateway {
     permits: Arc<Semaphore>,
     /// Per-client-address limit.
     sources: Arc<accept::SourceLimit>,
+    /// Connections whose destination is not known yet.
+    pending: Arc<Pending>,
     /// The metrics endpoint, when configured.
     admin: Option<TcpListener>,
     /// What /readyz reports.
@@ -73,6 +76,7 @@ impl Gateway {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|error| StartError::BindMetrics { addr, error })?),
         };
         let metrics = Arc::new(Metrics::new(config.metrics.caps));
+        let pending = Arc::new(Pending::new(config.limits.max_pending_connections, metrics.clone()));
         if let Some(not_after) = snapshot.certificate_expiry() {
             metrics.certificate_expiry(not_after);
         }
@@ -85,6 +89,7 @@ impl Gateway {
             process: Process { metrics, sink, cut: CancellationToken::new() },
             permits: Arc::new(Semaphore::new(max_connections)),
             sources: Arc::new(accept::SourceLimit::new(config.limits.max_connections_per_source)),
+            pending,
             admin,
             ready: Arc::new(AtomicBool::new(false)),
         })
@@ -130,6 +135,7 @@ impl Gateway {
                 snapshot: self.snapshot.clone(),
                 permits: self.permits.clone(),
                 sources: self.sources.clone(),
+                pending: self.pending.clone(),
                 process: self.process.clone(),
                 tracker: tracker.clone(),
             };

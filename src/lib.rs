@@ -24,7 +24,8 @@
 //!
 //! # Layout
 //! - [`cli`], [`config`]: arguments; the YAML schema, its validation, its errors.
-//! - [`gateway`]: binding, the accept loop, limits and drain; live reload.
+//! - [`gateway`]: binding, the accept loop, limits and drain; live reload;
+//!   `admission.rs`: the budget of connections without a destination yet.
 //! - [`state`]: what a connection runs on (one snapshot per config).
 //! - [`conn`]: one connection, start to end; [`error`]: how it can end.
 //! - [`arrive`]: the outer mTLS layer; [`front`]: the inner ClientHello.
@@ -35,6 +36,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admission;
 pub mod arrive;
 pub mod cli;
 pub mod config;

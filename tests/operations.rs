@@ -250,11 +250,16 @@ async fn timeouts_end_idle_slow_and_long_lived_connections() {
     let sections = "timeouts:\n  handshake: 500ms\n  client_hello: 500ms\n  idle: 1s\n  max_lifetime: 2s\n".to_owned();
     let mut h = Harness::with(Options { sections, ..Options::default() }).await;
 
-    // A caller that connects to the mtls listener and sends nothing.
+    // A caller that connects to the mtls listener and sends nothing: let go
+    // at the first-byte timeout (here bounded by the 500 ms handshake one).
     let mut silent = TcpStream::connect(h.addr("mtls")).await.expect("connect");
     let _ = within("silent", read_all(&mut silent)).await;
     let r = h.record().await;
-    assert_eq!((r.reason, r.termination), ("outer_handshake_timeout", "handshake_timeout"));
+    assert_eq!(
+        (r.reason, r.termination, r.side),
+        ("first_byte_timeout", "first_byte_timeout", Some("client")),
+        "{r:?}"
+    );
 
     // One that trickles its outer handshake a byte at a time.
     let hello = client_hello("localhost");
@@ -558,4 +563,58 @@ async fn a_peer_that_neither_reads_nor_closes_is_cut_after_the_half_close_timeou
     assert_eq!((r.decision, r.termination), ("allowed", "half_close_timeout"));
     assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(5), "{took:?}");
     held.abort();
+}
+
+/// Idle sockets from four addresses saturate the budget of connections
+/// without a destination: working connections and new good ones go on;
+/// the oldest idle ones are evicted to make room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_sockets_cannot_crowd_out_good_connections() {
+    const PER_SOURCE: usize = 150;
+    let sections = "limits:\n  max_connections: 400\n  max_connections_per_source: 400\n  max_pending_connections: 100\ntimeouts:\n  first_byte: 30s\n  handshake: 30s\n  client_hello: 30s\n".to_owned();
+    let mut h = Harness::with(Options { sections, ..Options::default() }).await;
+    let addr = h.addr("passthrough");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut established = within("inner", h.inner(tcp, "a.allowed.test")).await.expect("inner");
+    within("ping", ping(&mut established, b"before")).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood: Vec<_> = (0..4 * PER_SOURCE)
+        .map(|i| {
+            let stop = stop.clone();
+            let source: std::net::IpAddr = std::net::Ipv4Addr::new(127, 0, 0, 11 + (i / PER_SOURCE) as u8).into();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                    socket.bind(std::net::SocketAddr::new(source, 0)).expect("bind source");
+                    if let Ok(mut tcp) = socket.connect(addr).await {
+                        let _ = read_all(&mut tcp).await; // silent until let go
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+    h.wait_metric("snigress_pending_connections", &[], 100.0).await;
+
+    let mut took = Vec::new();
+    for i in 0..30 {
+        let asked = std::time::Instant::now();
+        let sni = if i % 2 == 0 { "a.allowed.test" } else { "b.allowed.test" };
+        within("a good connection", through_passthrough(&h, sni)).await.expect("served under the flood");
+        took.push(asked.elapsed());
+    }
+    within("ping", ping(&mut established, b"during the flood")).await;
+    took.sort();
+    println!("good connections under the flood: p50 {:?}, p99 {:?}", took[took.len() / 2], took[took.len() - 1]);
+    let text = scrape(h.metrics_addr).await;
+    assert!(sum(&text, "snigress_pending_connections", &[]) <= 100.0, "the budget holds");
+    assert!(sum(&text, "snigress_connections_total", &[("reason", "pending_evicted")]) >= 30.0, "idle ones evicted");
+    assert_eq!(sum(&text, "snigress_connections_total", &[("reason", "connection_limit")]), 0.0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        f.abort();
+    }
+    drop(established);
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(10), h.records.recv()).await {}
 }

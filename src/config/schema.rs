@@ -120,6 +120,7 @@ impl Default for RawResolver {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawTimeouts {
+    pub first_byte: Spanned<Dur>,
     pub handshake: Spanned<Dur>,
     pub client_hello: Spanned<Dur>,
     pub dns: Spanned<Dur>,
@@ -133,6 +134,7 @@ pub(super) struct RawTimeouts {
 impl Default for RawTimeouts {
     fn default() -> Self {
         RawTimeouts {
+            first_byte: unspanned(Dur(defaults::FIRST_BYTE)),
             handshake: unspanned(Dur(defaults::HANDSHAKE)),
             client_hello: unspanned(Dur(defaults::CLIENT_HELLO)),
             dns: unspanned(Dur(defaults::DNS)),
@@ -150,6 +152,8 @@ impl Default for RawTimeouts {
 pub(super) struct RawLimits {
     pub max_connections: Spanned<usize>,
     pub max_connections_per_source: Spanned<usize>,
+    /// Default: a quarter of `max_connections`.
+    pub max_pending_connections: Option<Spanned<usize>>,
     pub client_hello_bytes: Spanned<usize>,
 }
 
@@ -158,6 +162,7 @@ impl Default for RawLimits {
         RawLimits {
             max_connections: unspanned(defaults::MAX_CONNECTIONS),
             max_connections_per_source: unspanned(defaults::MAX_CONNECTIONS_PER_SOURCE),
+            max_pending_connections: None,
             client_hello_bytes: unspanned(defaults::CLIENT_HELLO_BYTES),
         }
     }

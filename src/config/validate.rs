@@ -272,6 +272,7 @@ fn resolver(r: RawResolver, timeout: std::time::Duration, ctx: &Ctx<'_>) -> Resu
 
 fn timeouts(t: &RawTimeouts, ctx: &Ctx<'_>) -> Result<Timeouts, ConfigError> {
     for (key, d) in [
+        ("first_byte", &t.first_byte),
         ("handshake", &t.handshake),
         ("client_hello", &t.client_hello),
         ("dns", &t.dns),
@@ -294,6 +295,7 @@ fn timeouts(t: &RawTimeouts, ctx: &Ctx<'_>) -> Result<Timeouts, ConfigError> {
         Some(d) => Some(d.value.0),
     };
     Ok(Timeouts {
+        first_byte: t.first_byte.value.0,
         handshake: t.handshake.value.0,
         client_hello: t.client_hello.value.0,
         dns: t.dns.value.0,
@@ -324,9 +326,23 @@ fn limits(l: &RawLimits, ctx: &Ctx<'_>) -> Result<Limits, ConfigError> {
             ),
         ));
     }
+    let max_pending_connections = match &l.max_pending_connections {
+        None => (l.max_connections.value / defaults::PENDING_SHARE).max(1),
+        Some(n) if n.value == 0 || n.value > l.max_connections.value => {
+            return Err(ctx.at(
+                n,
+                format!(
+                    "limits.max_pending_connections: must be 1 to limits.max_connections ({})",
+                    l.max_connections.value
+                ),
+            ));
+        }
+        Some(n) => n.value,
+    };
     Ok(Limits {
         max_connections: l.max_connections.value,
         max_connections_per_source: l.max_connections_per_source.value,
+        max_pending_connections,
         client_hello_bytes: hello,
     })
 }

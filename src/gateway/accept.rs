@@ -6,6 +6,7 @@
 //! failure never reaches it because each connection runs in its own task.
 //! A connection past a limit is closed at once and recorded; the diagnostic
 //! line for it is rate-limited (the access record has every one).
+//! Every accepted connection is admitted as pending (see [`crate::admission`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Pending;
 use crate::conn::{self, ListenerInfo};
 use crate::error::ConnError;
 use crate::state::{Process, Snapshot};
@@ -91,6 +93,7 @@ pub(crate) struct LoopShared {
     pub(crate) snapshot: Arc<ArcSwap<Snapshot>>,
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) sources: Arc<SourceLimit>,
+    pub(crate) pending: Arc<Pending>,
     pub(crate) process: Process,
     pub(crate) tracker: TaskTracker,
 }
@@ -99,7 +102,7 @@ pub(crate) struct LoopShared {
 pub(crate) async fn run(info: Arc<ListenerInfo>, listener: TcpListener, shared: LoopShared) {
     let mut backoff = crate::net::Backoff::default();
     let throttle = Throttle::default();
-    loop {
+    for id in 0u64.. {
         let (tcp, client_addr) = crate::net::accept(&listener, &mut backoff, |e, pause| {
             shared.process.metrics.accept_error();
             let pause_ms = pause.map_or(0, |p| p.as_millis() as u64);
@@ -127,9 +130,10 @@ pub(crate) async fn run(info: Arc<ListenerInfo>, listener: TcpListener, shared: 
             continue;
         };
         crate::net::tune(&tcp);
+        let ticket = shared.pending.admit(id, client_addr.ip());
         let (info, snapshot, process) = (info.clone(), shared.snapshot.load_full(), shared.process.clone());
         shared.tracker.spawn(async move {
-            conn::handle(tcp, client_addr, info, snapshot, process).await;
+            conn::handle(tcp, client_addr, info, snapshot, process, ticket).await;
             drop(slot);
             drop(permit);
         });

@@ -58,6 +58,7 @@ pub struct Metrics {
     last_reload: Gauge,
     draining: Gauge,
     accept_errors: Counter,
+    pending: Gauge,
     access_log_dropped: Counter,
     log_lines_dropped: Counter,
     pipes_open: Gauge,
@@ -199,6 +200,12 @@ impl Metrics {
                 "accept_errors",
                 "Accepts that failed (the accept loop pauses and retries)",
                 Counter::default(),
+            ),
+            pending: register(
+                r,
+                "pending_connections",
+                "Connections whose destination is not known yet (outer handshake or ClientHello to come)",
+                Gauge::default(),
             ),
             access_log_dropped: register(
                 r,
@@ -343,6 +350,10 @@ impl Metrics {
 
     pub(crate) fn accept_error(&self) {
         self.accept_errors.inc();
+    }
+
+    pub(crate) fn pending_connections(&self, n: usize) {
+        self.pending.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A fatal alert sent to a refused client; `name` is its description.
