@@ -51,6 +51,16 @@ impl Pending {
         PendingTicket { pending: self.clone(), id, evicted }
     }
 
+    /// Evicts one pending connection (the busiest address's oldest) to free
+    /// its slot for a new one; `false` when none is pending.
+    pub(crate) fn evict_for_room(&self) -> bool {
+        let mut queue = self.lock();
+        let before = queue.entries.len();
+        queue.evict_one();
+        self.counted(queue.entries.len());
+        queue.entries.len() < before
+    }
+
     fn remove(&self, id: u64) {
         let mut queue = self.lock();
         if let Some(i) = queue.entries.iter().position(|e| e.id == id) {

@@ -79,6 +79,9 @@ pub mod defaults {
     /// `max_connections`: a quarter, so sockets that connect and say
     /// nothing can never take the slots of working connections.
     pub const PENDING_SHARE: usize = 4;
+    /// ...but at least this many (or all, when fewer are allowed): a small
+    /// gateway must still take a burst of new connections at once.
+    pub const PENDING_MIN: usize = 64;
     /// The first byte of a connection: a real client sends its ClientHello
     /// (or outer handshake) right after connecting; 2 s frees a slot held by
     /// one that never does long before the handshake timeout would.

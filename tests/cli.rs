@@ -367,3 +367,26 @@ async fn a_stderr_nobody_reads_never_stalls_connections() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_bare_relative_config_path_is_not_reloaded_for_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = "listeners:\n  - {name: mesh, address: 127.0.0.1:0, mode: mtls}\nmtls:\n  dev_pki: pki\n";
+    write(dir.path(), "c.yaml", text);
+    let running = Running::with_command(Command::new(env!("CARGO_BIN_EXE_snigress")).current_dir(dir.path()).args([
+        "--log-level",
+        "snigress=debug",
+        "run",
+        "--config",
+        "c.yaml",
+    ]));
+    running.diag("listening");
+    // The same text written again: an event, and nothing to apply.
+    write(dir.path(), "c.yaml", text);
+    let line = running.diag("reload");
+    assert!(line.contains("nothing changed"), "the first reload line: {line}");
+    // A real change still is one.
+    write(dir.path(), "c.yaml", &format!("{text}policy:\n  allow: [a.example]\n"));
+    let line = running.diag("reload");
+    assert!(line.contains("reloaded"), "{line}");
+}

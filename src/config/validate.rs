@@ -327,7 +327,9 @@ fn limits(l: &RawLimits, ctx: &Ctx<'_>) -> Result<Limits, ConfigError> {
         ));
     }
     let max_pending_connections = match &l.max_pending_connections {
-        None => (l.max_connections.value / defaults::PENDING_SHARE).max(1),
+        None => {
+            (l.max_connections.value / defaults::PENDING_SHARE).max(l.max_connections.value.min(defaults::PENDING_MIN))
+        }
         Some(n) if n.value == 0 || n.value > l.max_connections.value => {
             return Err(ctx.at(
                 n,

@@ -25,6 +25,9 @@ use crate::state::{Process, Snapshot};
 
 /// Least time between two diagnostic lines about refusals at accept.
 const WARN_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for the slot of a pending connection evicted to make room
+/// at the global limit.
+const EVICTION_GRACE: Duration = Duration::from_millis(100);
 
 /// Connections open per client address, against
 /// `limits.max_connections_per_source`.
@@ -119,7 +122,19 @@ pub(crate) async fn run(info: Arc<ListenerInfo>, listener: TcpListener, shared: 
             }
             conn::refused_at_accept(client_addr, info.clone(), e, &shared.process);
         };
-        let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        let permit = match shared.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            // At the limit with connections still pending: one of them
+            // makes room (its task ends at its next poll).
+            Err(_) if shared.pending.evict_for_room() => {
+                tokio::time::timeout(EVICTION_GRACE, shared.permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
             drop(tcp);
             refuse(ConnError::ConnectionLimit);
             continue;

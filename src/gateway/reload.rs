@@ -35,6 +35,10 @@ use crate::state::{Snapshot, StartError};
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
 /// Longest a burst of events may delay a reload.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
+/// First pause before trying a failed reload again; doubled each time.
+pub const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Times a failed reload is tried again (0.5 + 1 + 2 + 4 + 8 s).
+pub const RETRIES: usize = 5;
 
 /// Why a reload was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -95,10 +99,22 @@ impl Reloader {
     /// Loads the file again and applies it if it is valid and changed
     /// anything. `Ok(true)`: a new config is in force.
     pub fn reload(&self, trigger: &str) -> Result<bool, ReloadError> {
+        let result = self.attempt();
+        self.report(trigger, &result);
+        result
+    }
+
+    /// One reload attempt, neither logged nor counted.
+    fn attempt(&self) -> Result<bool, ReloadError> {
         self.attempts.fetch_add(1, Ordering::Relaxed);
         let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let result = self.try_reload(&mut running);
-        match &result {
+        self.try_reload(&mut running)
+    }
+
+    /// Logs and counts the outcome of a reload (one per trigger, whatever
+    /// the retries it took).
+    fn report(&self, trigger: &str, result: &Result<bool, ReloadError>) {
+        match result {
             Ok(true) => {
                 self.metrics.reloaded(true);
                 tracing::info!(trigger, config = %self.path.display(), "reloaded: new connections use the new config");
@@ -109,15 +125,14 @@ impl Reloader {
                 tracing::error!(trigger, config = %self.path.display(), error = %e, "reload refused; the running config stays in force");
             }
         }
-        result
     }
 
     fn try_reload(&self, running: &mut Running) -> Result<bool, ReloadError> {
         // Read once: what is parsed is exactly what is fingerprinted.
         let source = self.path.display().to_string();
         let text = config::read(&self.path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
-        let config =
-            Config::parse(&text, &source, &parent(&self.path)).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let config = Config::parse(&text, &source, &config::base_dir(&self.path))
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let inputs = fingerprint(&text, &config);
         if inputs == running.inputs {
             return Ok(false);
@@ -139,20 +154,31 @@ impl Reloader {
     }
 
     /// What to watch: each directory holding the config file or a
-    /// certificate file, with the names in it whose events count.
+    /// certificate file, with the names in it whose events count; and the
+    /// parent of each such directory, where the directory's own name counts
+    /// (`rm -rf certs && mv certs.new certs` replaces the watched directory,
+    /// and with it the watch).
     pub fn watched(&self) -> BTreeMap<PathBuf, BTreeSet<OsString>> {
         let running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut watched: BTreeMap<PathBuf, BTreeSet<OsString>> = BTreeMap::new();
         for file in std::iter::once(self.path.clone()).chain(running.config.material_files()) {
-            let names = watched.entry(parent(&file)).or_default();
+            let dir = parent(&file);
+            let names = watched.entry(dir.clone()).or_default();
             names.extend(file.file_name().map(OsString::from));
             names.insert(K8S_DATA.into());
+            if let Some(name) = dir.file_name().filter(|n| *n != "." && *n != "..") {
+                watched.entry(parent(&dir)).or_default().insert(name.to_owned());
+            }
         }
         watched
     }
 
     /// Watches the files and reloads after each debounced burst of changes,
-    /// for as long as the returned task runs.
+    /// for as long as the returned task runs. A reload that fails is logged at
+    /// once and tried again after [`RETRY_FIRST`], doubling, [`RETRIES`]
+    /// times (a file caught half-written, a Secret mounted a moment after the
+    /// ConfigMap), unless a new change comes first; the burst is counted
+    /// once, with the outcome of its last attempt.
     pub fn watch(self: Arc<Self>) -> notify::Result<tokio::task::JoinHandle<()>> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<notify::Event>();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -162,11 +188,18 @@ impl Reloader {
         })?;
         let mut watched = self.watched();
         for dir in watched.keys() {
-            watcher.watch(dir, RecursiveMode::NonRecursive)?;
+            // A missing parent (a relative path's) is not an error.
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive)
+                && dir.is_dir()
+            {
+                return Err(e);
+            }
         }
         Ok(tokio::spawn(async move {
-            while let Some(event) = rx.recv().await {
+            let mut pending = rx.recv().await;
+            while let Some(event) = pending.take() {
                 if !counts(&event, &watched) {
+                    pending = rx.recv().await;
                     continue;
                 }
                 // Debounce: wait until the files have been quiet, but not
@@ -177,20 +210,63 @@ impl Reloader {
                         break;
                     }
                 }
-                let me = self.clone();
-                let applied = tokio::task::spawn_blocking(move || me.reload("file change").is_ok_and(|a| a))
-                    .await
-                    .unwrap_or(false);
-                if applied {
+                // A replaced directory needs its watch again; re-adding an
+                // existing one is harmless.
+                for dir in watched.keys() {
+                    let _ = watcher.watch(dir, RecursiveMode::NonRecursive);
+                }
+                let mut retry = RETRY_FIRST;
+                let mut result = self.attempt_blocking().await;
+                if let Err(e) = &result {
+                    // Said at once; counted once the retries are over.
+                    tracing::error!(config = %self.path.display(), error = %e, retries = RETRIES,
+                        "reload refused; trying again, the running config stays in force");
+                }
+                for _ in 0..RETRIES {
+                    if result.is_ok() {
+                        break;
+                    }
+                    // A new change ends the retries: it starts a burst of its
+                    // own. Other events do not shorten the pause.
+                    let until = tokio::time::Instant::now() + retry;
+                    loop {
+                        match tokio::time::timeout_at(until, rx.recv()).await {
+                            Ok(Some(next)) if counts(&next, &watched) => {
+                                pending = Some(next);
+                                break;
+                            }
+                            Ok(None) => return,
+                            Ok(Some(_)) => continue,
+                            Err(_) => break,
+                        }
+                    }
+                    if pending.is_some() {
+                        break;
+                    }
+                    retry *= 2;
+                    result = self.attempt_blocking().await;
+                }
+                self.report("file change", &result);
+                if result.is_ok_and(|applied| applied) {
                     // The new config may name certificate files elsewhere.
-                    let now = self.watched();
-                    for dir in now.keys().filter(|d| !watched.contains_key(*d)) {
+                    watched = self.watched();
+                    for dir in watched.keys() {
                         let _ = watcher.watch(dir, RecursiveMode::NonRecursive);
                     }
-                    watched = now;
+                }
+                if pending.is_none() {
+                    pending = rx.recv().await;
                 }
             }
         }))
+    }
+
+    /// [`Reloader::attempt`] on a blocking thread (it reads files).
+    async fn attempt_blocking(self: &Arc<Self>) -> Result<bool, ReloadError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.attempt())
+            .await
+            .unwrap_or_else(|_| Err(ReloadError::Invalid("the reload task failed".into())))
     }
 }
 
@@ -209,9 +285,18 @@ fn counts(event: &notify::Event, watched: &BTreeMap<PathBuf, BTreeSet<OsString>>
 }
 
 /// The directory of a file, as the config resolves relative paths (`.` for
-/// a bare file name), so that paths compare equal however they were written.
+/// a bare file name), made absolute without `.` components (the watcher
+/// reports `/cwd/./c.yaml` for `c.yaml`): paths then compare equal however
+/// they were written.
 fn parent(path: &Path) -> PathBuf {
-    config::base_dir(path)
+    lexical(&config::base_dir(&lexical(path)))
+}
+
+/// `path` made absolute against the working directory, `.` components
+/// dropped (symlinks are not resolved: `..data` swaps must stay visible).
+fn lexical(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    absolute.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
 }
 
 /// Hash of everything a reload reads: the config text and the certificate
