@@ -18,6 +18,12 @@
 //! then costs about a third of a second, a slow server gets at most three
 //! queries per record type, and nothing waits past the budget.
 //!
+//! The address families are queried one record type at a time (so a failed
+//! A query is never mistaken for "no addresses"), each over UDP and, when
+//! its answer cannot be read (a server that ignores the EDNS size and sends
+//! a cut answer without the truncation bit), once more over TCP; a failure
+//! is `dns_error` and is never cached.
+//!
 //! Vetted answers are cached in front of hickory's own
 //! cache (hits are counted, vetting is not repeated), with LRU eviction and
 //! each entry's clamped TTL; the resolver, with both caches, is kept across
@@ -27,9 +33,10 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver as HickoryResolver, TokioResolver};
 
 use crate::name::ServerName;
@@ -142,7 +149,11 @@ impl moka::Expiry<ServerName, Entry> for UntilTtl {
 }
 
 pub struct Resolver {
+    /// UDP first (TCP for truncated answers).
     inner: TokioResolver,
+    /// TCP only: for a UDP answer that could not be read (one larger than
+    /// the EDNS size, sent cut and without the truncation bit).
+    tcp: TokioResolver,
     settings: ResolverSettings,
     cache: moka::sync::Cache<ServerName, Entry>,
 }
@@ -151,7 +162,12 @@ impl Resolver {
     pub fn new(settings: &ResolverSettings) -> Result<Resolver, BuildError> {
         let cache =
             moka::sync::Cache::builder().max_capacity(settings.cache_size.max(1)).expire_after(UntilTtl).build();
-        Ok(Resolver { inner: hickory(settings)?, settings: settings.clone(), cache })
+        Ok(Resolver {
+            inner: hickory(settings, Transport::Udp)?,
+            tcp: hickory(settings, Transport::Tcp)?,
+            settings: settings.clone(),
+            cache,
+        })
     }
 
     /// The settings this resolver was built from: a reload with the same
@@ -167,12 +183,11 @@ impl Resolver {
         }
         // hickory's own timeout is the same budget; this bounds the whole
         // lookup whatever it does inside.
-        let lookup = tokio::time::timeout(self.settings.timeout, self.inner.lookup_ip(name.to_absolute()))
+        let (ips, until) = tokio::time::timeout(self.settings.timeout, self.lookup(&name.to_absolute()))
             .await
-            .map_err(|_| ResolveError::Timeout)?
-            .map_err(classify)?;
+            .map_err(|_| ResolveError::Timeout)??;
         let mut resolved = Resolved { addrs: Vec::new(), refused: Vec::new(), cached: false };
-        for ip in lookup.iter() {
+        for ip in ips {
             match self.settings.vetting.vet(ip) {
                 Ok(ip) if !resolved.addrs.contains(&ip) => resolved.addrs.push(ip),
                 Ok(_) => {}
@@ -185,39 +200,103 @@ impl Resolver {
             }
             return Err(ResolveError::AllRefused(resolved.refused));
         }
-        self.cache.insert(name.clone(), Entry { until: lookup.valid_until(), resolved: resolved.clone() });
+        self.cache.insert(name.clone(), Entry { until, resolved: resolved.clone() });
         Ok(resolved)
+    }
+
+    /// The addresses of `name` in the configured families, and until when
+    /// they may be cached. The families are queried here rather than by
+    /// hickory's `lookup_ip`, which takes an A query that failed for an
+    /// IPv4-then-IPv6 "no addresses" when AAAA has none: a failure must stay
+    /// a failure (`dns_error`, never cached).
+    async fn lookup(&self, name: &str) -> Result<(Vec<IpAddr>, Instant), ResolveError> {
+        use RecordType::{A, AAAA};
+        let then = |first, second| async move {
+            match self.family(name, first).await {
+                Err(ResolveError::NoAddresses) => self.family(name, second).await,
+                found => found,
+            }
+        };
+        match self.settings.ip_family {
+            IpFamily::Ipv4Only => self.family(name, A).await,
+            IpFamily::Ipv6Only => self.family(name, AAAA).await,
+            IpFamily::Ipv4ThenIpv6 => then(A, AAAA).await,
+            IpFamily::Ipv6ThenIpv4 => then(AAAA, A).await,
+            IpFamily::Both => match tokio::join!(self.family(name, A), self.family(name, AAAA)) {
+                (Ok((mut v4, a)), Ok((v6, b))) => {
+                    v4.extend(v6);
+                    Ok((v4, a.min(b)))
+                }
+                (Ok(found), Err(ResolveError::NoAddresses)) | (Err(ResolveError::NoAddresses), Ok(found)) => Ok(found),
+                (Err(ResolveError::NoAddresses), Err(e)) | (Err(e), _) => Err(e),
+                (Ok(_), Err(e)) => Err(e),
+            },
+        }
+    }
+
+    /// One record type: over UDP, then over TCP if the UDP answer could
+    /// not be read.
+    async fn family(&self, name: &str, family: RecordType) -> Result<(Vec<IpAddr>, Instant), ResolveError> {
+        let lookup = match self.inner.lookup(name, family).await.map_err(classify) {
+            Err(ResolveError::Failed(_)) => self.tcp.lookup(name, family).await.map_err(classify),
+            other => other,
+        }?;
+        let ips: Vec<IpAddr> = lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })
+            .collect();
+        if ips.is_empty() {
+            return Err(ResolveError::NoAddresses);
+        }
+        Ok((ips, lookup.valid_until()))
     }
 }
 
+/// Which connections a hickory resolver may use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// UDP, and TCP for truncated answers.
+    Udp,
+    /// TCP only.
+    Tcp,
+}
+
 /// A hickory resolver whose one attempt takes the whole budget (see the
-/// module doc).
-fn hickory(settings: &ResolverSettings) -> Result<TokioResolver, BuildError> {
-    let mut builder = match &settings.nameservers {
+/// module doc), over `transport`.
+fn hickory(settings: &ResolverSettings, transport: Transport) -> Result<TokioResolver, BuildError> {
+    let connections = |port: u16| {
+        let mut tcp = ConnectionConfig::tcp();
+        tcp.port = port;
+        let mut udp = ConnectionConfig::udp();
+        udp.port = port;
+        if transport == Transport::Tcp { vec![tcp] } else { vec![udp, tcp] }
+    };
+    let name_servers: Vec<NameServerConfig> = match &settings.nameservers {
         Some(servers) => {
-            let name_servers = servers
-                .iter()
-                .map(|addr| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = addr.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = addr.port();
-                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            let config = ResolverConfig::from_parts(None, vec![], name_servers);
-            HickoryResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            servers.iter().map(|addr| NameServerConfig::new(addr.ip(), true, connections(addr.port()))).collect()
         }
-        None => TokioResolver::builder_tokio().map_err(|e| BuildError::SystemConfig(Box::new(e)))?,
+        None => {
+            let (system, _) =
+                hickory_resolver::system_conf::read_system_conf().map_err(|e| BuildError::SystemConfig(Box::new(e)))?;
+            let port = |server: &NameServerConfig| server.connections.first().map_or(53, |c| c.port);
+            system
+                .name_servers()
+                .iter()
+                .map(|server| {
+                    NameServerConfig::new(server.ip, server.trust_negative_responses, connections(port(server)))
+                })
+                .collect()
+        }
     };
+    // No search domains: names are always absolute.
+    let config = ResolverConfig::from_parts(None, vec![], name_servers);
+    let mut builder = HickoryResolver::builder_with_config(config, TokioRuntimeProvider::default());
     let opts: &mut ResolverOpts = builder.options_mut();
-    opts.ip_strategy = match settings.ip_family {
-        IpFamily::Ipv4Only => LookupIpStrategy::Ipv4Only,
-        IpFamily::Ipv6Only => LookupIpStrategy::Ipv6Only,
-        IpFamily::Ipv4ThenIpv6 => LookupIpStrategy::Ipv4thenIpv6,
-        IpFamily::Ipv6ThenIpv4 => LookupIpStrategy::Ipv6thenIpv4,
-        IpFamily::Both => LookupIpStrategy::Ipv4AndIpv6,
-    };
     opts.positive_min_ttl = Some(settings.min_ttl);
     opts.negative_min_ttl = Some(settings.min_ttl);
     opts.positive_max_ttl = Some(settings.max_ttl);

@@ -166,3 +166,22 @@ async fn rfc_invalid_hellos_cost_no_lookup() {
     }
     assert_eq!(dns.queries(), 0, "no lookup for an invalid hello");
 }
+
+/// A UDP answer of about 2.4 KB without the truncation bit, from a server
+/// that ignores the EDNS size it was given: never a cacheable "no
+/// addresses"; the answer is had over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_udp_answer_is_retried_over_tcp() {
+    let dns = SlowDns::oversized(&["big.slow.test"], 150, true).await;
+    let resolver = resolver(dns.addr);
+    let resolved = resolver.resolve(&name("big.slow.test")).await.expect("resolved over TCP");
+    assert_eq!(resolved.addrs.len(), 150);
+    assert!(dns.tcp_queries.load(std::sync::atomic::Ordering::SeqCst) >= 1, "asked over TCP");
+
+    // Without TCP: a DNS error (dns_error), not "no addresses".
+    let dns = SlowDns::oversized(&["big.slow.test"], 150, false).await;
+    let resolver = self::resolver(dns.addr);
+    let resolved = resolver.resolve(&name("big.slow.test")).await;
+    assert!(matches!(resolved, Err(ResolveError::Failed(_))), "{resolved:?}");
+    assert_eq!(resolved.map(|_| ()).unwrap_err().reason(), "dns_error");
+}

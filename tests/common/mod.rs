@@ -781,26 +781,64 @@ pub fn is_root() -> bool {
     status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1)) == Some("0")
 }
 
-/// A nameserver on 127.0.0.1 (UDP) that answers each A query for one of
+/// A nameserver on 127.0.0.1 that answers each A query for one of
 /// `names` after `delay` (anything else: NXDOMAIN after the same delay),
-/// drops the first `drop_first` queries it receives, and counts them all:
-/// a slow or lossy server, to test what the gateway does with late answers.
+/// drops the first `drop_first` UDP queries it receives, and counts them
+/// all: a slow or lossy server, to test what the gateway does with late
+/// answers. `oversized` makes one whose UDP answers are too big.
 pub struct SlowDns {
     pub addr: SocketAddr,
-    /// Queries received so far (dropped ones included).
+    /// UDP queries received so far (dropped ones included).
     pub queries: Arc<std::sync::atomic::AtomicUsize>,
+    /// TCP queries received so far.
+    pub tcp_queries: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The answer to `request`: `answers` A records (from 127.0.0.1 up) for a known
+/// name, NXDOMAIN for any other.
+fn dns_answer(request: &hickory_server::proto::op::Message, names: &[Name], answers: usize) -> Option<Vec<u8>> {
+    use hickory_server::proto::op::{Message, OpCode, ResponseCode};
+    use hickory_server::proto::rr::RecordType;
+    let mut response = Message::response(request.metadata.id, OpCode::Query);
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.metadata.recursion_available = true;
+    response.add_queries(request.queries.clone());
+    match request.queries.first() {
+        Some(q) if names.iter().any(|n| n.eq_case(q.name())) => {
+            if q.query_type() == RecordType::A {
+                for i in 0..answers {
+                    let ip = Ipv4Addr::from(0x7f00_0001 + i as u32);
+                    response.add_answer(DnsRecord::from_rdata(q.name().clone(), 60, RData::A(A(ip))));
+                }
+            }
+        }
+        _ => response.metadata.response_code = ResponseCode::NXDomain,
+    }
+    response.to_vec().ok()
 }
 
 impl SlowDns {
     pub async fn start(names: &[&str], delay: Duration, drop_first: usize) -> SlowDns {
-        use hickory_server::proto::op::{Message, OpCode, ResponseCode};
-        use hickory_server::proto::rr::RecordType;
+        SlowDns::serve(names, delay, drop_first, 1, true).await
+    }
+
+    /// Answers every A query for `names` with `answers` records: over UDP
+    /// whole and without the truncation bit (as a non-conforming server
+    /// does), over TCP (when `tcp`) as it should.
+    pub async fn oversized(names: &[&str], answers: usize, tcp: bool) -> SlowDns {
+        SlowDns::serve(names, Duration::ZERO, 0, answers, tcp).await
+    }
+
+    async fn serve(names: &[&str], delay: Duration, drop_first: usize, answers: usize, tcp_too: bool) -> SlowDns {
+        use hickory_server::proto::op::Message;
         use std::sync::atomic::Ordering;
-        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind DNS"));
-        let addr = socket.local_addr().expect("DNS address");
+        let (udp, tcp, addr) = Dns::bind_pair().await;
+        let socket = Arc::new(udp);
         let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let names: Vec<Name> = names.iter().map(|n| Name::from_ascii(format!("{n}.")).expect("name")).collect();
-        let (count, names) = (queries.clone(), Arc::new(names));
+        let tcp_queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let names: Arc<Vec<Name>> =
+            Arc::new(names.iter().map(|n| Name::from_ascii(format!("{n}.")).expect("name")).collect());
+        let (count, udp_names) = (queries.clone(), names.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
@@ -809,29 +847,41 @@ impl SlowDns {
                     continue;
                 }
                 let Ok(request) = Message::from_vec(&buf[..n]) else { continue };
-                let (socket, names) = (socket.clone(), names.clone());
+                let (socket, names) = (socket.clone(), udp_names.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let mut response = Message::response(request.metadata.id, OpCode::Query);
-                    response.metadata.recursion_desired = request.metadata.recursion_desired;
-                    response.metadata.recursion_available = true;
-                    response.add_queries(request.queries.clone());
-                    match request.queries.first() {
-                        Some(q) if names.iter().any(|n| n.eq_case(q.name())) => {
-                            if q.query_type() == RecordType::A {
-                                let a = RData::A(A(Ipv4Addr::LOCALHOST));
-                                response.add_answer(DnsRecord::from_rdata(q.name().clone(), 60, a));
-                            }
-                        }
-                        _ => response.metadata.response_code = ResponseCode::NXDomain,
-                    }
-                    if let Ok(bytes) = response.to_vec() {
+                    if let Some(bytes) = dns_answer(&request, &names, answers) {
                         let _ = socket.send_to(&bytes, peer).await;
                     }
                 });
             }
         });
-        SlowDns { addr, queries }
+        let tcp_count = tcp_queries.clone();
+        tokio::spawn(async move {
+            if !tcp_too {
+                return; // the listener is closed: connections are refused
+            }
+            while let Ok((mut conn, _)) = tcp.accept().await {
+                let (names, count) = (names.clone(), tcp_count.clone());
+                tokio::spawn(async move {
+                    let mut len = [0u8; 2];
+                    while conn.read_exact(&mut len).await.is_ok() {
+                        let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                        if conn.read_exact(&mut msg).await.is_err() {
+                            return;
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let Ok(request) = Message::from_vec(&msg) else { return };
+                        let Some(bytes) = dns_answer(&request, &names, answers) else { return };
+                        let framed = [&(bytes.len() as u16).to_be_bytes()[..], &bytes].concat();
+                        if conn.write_all(&framed).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        SlowDns { addr, queries, tcp_queries }
     }
 
     pub fn queries(&self) -> usize {
