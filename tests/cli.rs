@@ -7,6 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::*;
 use snigress::config::Config;
@@ -389,4 +390,43 @@ fn a_bare_relative_config_path_is_not_reloaded_for_nothing() {
     write(dir.path(), "c.yaml", &format!("{text}policy:\n  allow: [a.example]\n"));
     let line = running.diag("reload");
     assert!(line.contains("reloaded"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_all_in_the_access_log_and_few_in_the_diagnostics() {
+    const REFUSED: usize = 300;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "c.yaml",
+        "listeners:\n  - {name: pt, address: 127.0.0.1:0, mode: passthrough}\nlimits:\n  max_connections_per_source: 1\ntimeouts:\n  first_byte: 1m\n  client_hello: 1m\n",
+    );
+    let running = Running::start(&config);
+    let addr: SocketAddr =
+        json(&running.diag("listening"))["fields"]["address"].as_str().expect("address").parse().expect("addr");
+    let _held = TcpStream::connect(addr).await.expect("the one slot");
+    let started = std::time::Instant::now();
+    for _ in 0..REFUSED {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let _ = read_all(&mut tcp).await;
+    }
+    for _ in 0..REFUSED {
+        let record = json(&running.stdout.recv_timeout(PATIENCE).expect("an access record per refusal"));
+        assert_eq!(record["reason"], "source_limit");
+    }
+    let burst = started.elapsed();
+    // One more, a second after the first line: its line counts the rest.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    let _ = read_all(&mut tcp).await;
+    // Every refusal is a diagnostic line or counted in a later line's
+    // summary; there are few lines.
+    let (mut lines, mut accounted) = (0u64, 0u64);
+    while accounted < REFUSED as u64 + 1 {
+        let line = json(&running.diag("refusing a connection at accept"));
+        lines += 1;
+        accounted += 1 + line["fields"]["suppressed"].as_u64().expect("suppressed");
+    }
+    assert_eq!(accounted, REFUSED as u64 + 1);
+    assert!(lines <= 2 + burst.as_secs(), "{lines} lines for {} refusals in {burst:?}", REFUSED + 1);
 }
