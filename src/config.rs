@@ -335,6 +335,22 @@ impl Config {
     }
 }
 
+/// The config fuzz target's check, also run on every corpus file by `cargo
+/// test` (`test-util` feature): parsing ends in a config or an error, never
+/// a panic, and an error stays small whatever the text.
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod testing {
+    pub fn check_parse(text: &str) {
+        if let Err(e) = super::Config::parse(text, "fuzz.yaml", std::path::Path::new(".")) {
+            let shown = e.to_string();
+            // Cut lines, plus the renderer's gutter and the "more bytes" note.
+            let longest = shown.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+            assert!(longest <= super::error::MAX_LINE + 64, "an error line of {longest} characters");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

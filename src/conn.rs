@@ -75,6 +75,11 @@ impl Facts {
     }
 }
 
+/// What a connection holds against the connection limits. It is given back
+/// just before the record is written, so that a client that has seen a
+/// connection end can count on its slot being free.
+pub(crate) type Slots = Box<dyn std::any::Any + Send>;
+
 /// Runs one accepted connection to its end and emits its access record.
 /// `pending` is its place among the connections without a destination yet.
 pub(crate) async fn handle(
@@ -84,8 +89,10 @@ pub(crate) async fn handle(
     snapshot: Arc<Snapshot>,
     process: Process,
     pending: PendingTicket,
+    slots: Slots,
 ) {
     let mut recorder = Recorder::start(client_addr, listener, &process);
+    recorder.slots = Some(slots);
     let pipeline = Pipeline {
         listener: &recorder.listener,
         snapshot: &snapshot,
@@ -141,6 +148,8 @@ struct Recorder {
     transfer: Transfer,
     /// Counts the connection as active while the record is open.
     active: Option<ActiveGuard>,
+    /// Its share of the connection limits, given back before the record.
+    slots: Option<Slots>,
     emitted: bool,
 }
 
@@ -154,6 +163,7 @@ impl Recorder {
             process: process.clone(),
             facts: Facts::default(),
             transfer: Transfer::default(),
+            slots: None,
             emitted: false,
         }
     }
@@ -205,6 +215,7 @@ impl Recorder {
             detail,
         };
         self.active.take();
+        self.slots.take();
         self.process.sink.emit(record);
     }
 }

@@ -16,8 +16,12 @@ use tokio::net::{TcpListener, TcpStream};
 const STREAMS: usize = 200;
 const DOWNLOAD: usize = 2 * 1024 * 1024;
 const UPLOAD: usize = 256 * 1024;
-/// `nobody`: without CAP_SYS_RESOURCE, so the pipe quota applies.
-const NOBODY: u32 = 65534;
+/// Unprivileged users (no CAP_SYS_RESOURCE, so the pipe quota applies),
+/// one per test: the quota is per user, and the two tests of this file run
+/// at the same time, one of them spending its user's whole quota on
+/// purpose. Numbers no system account uses, so nothing else shares them.
+const BULK_USER: u32 = 64_101;
+const BUDGET_USER: u32 = 64_102;
 
 /// An upstream that takes each connection's ClientHello, waits until all
 /// `STREAMS` connections are there, then sends `download` while reading the
@@ -84,7 +88,7 @@ async fn two_hundred_bulk_transfers_stay_zero_copy_within_the_pipe_quota() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod config");
-        command.uid(NOBODY).gid(NOBODY);
+        command.uid(BULK_USER).gid(BULK_USER);
     }
     let gateway = Running::with_command(&mut command);
     let metrics: SocketAddr = json(&gateway.diag("serving /metrics"))["fields"]["address"]
@@ -131,7 +135,7 @@ async fn two_hundred_bulk_transfers_stay_zero_copy_within_the_pipe_quota() {
     let value = |name: &str| sum(&text, name, &[]);
     println!(
         "as {}: pipes now {}, capacity {} bytes",
-        if root { "nobody" } else { "this user" },
+        if root { "an unprivileged user" } else { "this user" },
         value("snigress_splice_pipes"),
         value("snigress_splice_pipe_capacity_bytes")
     );
@@ -144,7 +148,7 @@ async fn two_hundred_bulk_transfers_stay_zero_copy_within_the_pipe_quota() {
 /// Set in the environment of the child run of [`pipe_budget_child`].
 const CHILD: &str = "SNIGRESS_PIPE_BUDGET_CHILD";
 
-/// Runs in a child process as `nobody` (see the test below): takes pipes
+/// Runs in a child process as an unprivileged user (see the test below): takes pipes
 /// as 700 busy directions would, then exhausts what is left of the quota
 /// with pipes of its own (as other processes of the same user would) and
 /// takes one more. Prints what it saw as JSON.
@@ -182,7 +186,7 @@ fn pipe_budget_child() {
 #[test]
 fn the_pipe_budget_stays_inside_the_users_quota_and_counts_a_shrunk_pipe() {
     if !is_root() {
-        println!("skipped: needs root to run a child as nobody, for whom the pipe quota applies");
+        println!("skipped: needs root to run a child as an unprivileged user, for whom the pipe quota applies");
         return;
     }
     if let Err(why) = raise_fd_limit(20_000) {
@@ -192,8 +196,8 @@ fn the_pipe_budget_stays_inside_the_users_quota_and_counts_a_shrunk_pipe() {
     let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", "pipe_budget_child", "--ignored", "--nocapture", "--test-threads", "1"])
         .env(CHILD, "1")
-        .uid(NOBODY)
-        .gid(NOBODY)
+        .uid(BUDGET_USER)
+        .gid(BUDGET_USER)
         .output()
         .expect("run the child");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -378,6 +378,31 @@ pub mod testing {
         hello_with_extensions(&sni_ext(&[(0, name.as_bytes())]))
     }
 
+    /// The fuzz target's check, also run on every corpus file by `cargo
+    /// test`: the reader ends in a result, never claims more bytes than it
+    /// was given or its cap allows, and reaches the same verdict whether
+    /// the bytes come whole or in pieces (the piece size is taken from the
+    /// first byte, so the fuzzer explores it too).
+    pub fn check_reader(data: &[u8]) {
+        use super::{HelloReader, Progress};
+        const CAP: usize = 16 * 1024;
+        let whole = HelloReader::new(CAP).advance(data);
+        if let Ok(Progress::Complete(hello)) = &whole {
+            assert!(hello.len <= data.len() && hello.len <= CAP, "a hello of {} from {} bytes", hello.len, data.len());
+        }
+        let step = usize::from(data.first().copied().unwrap_or(0) % 64) + 1;
+        let mut reader = HelloReader::new(CAP);
+        let mut end = 0;
+        let pieces = loop {
+            end = (end + step).min(data.len());
+            match reader.advance(&data[..end]) {
+                Ok(Progress::NeedMore) if end < data.len() => continue,
+                verdict => break verdict,
+            }
+        };
+        assert_eq!(whole, pieces, "whole and in pieces of {step} bytes disagree");
+    }
+
     /// A minimal ClientHello naming `name` that also carries an
     /// encrypted_client_hello extension (as Chrome's ECH GREASE does).
     pub fn ech_hello_for(name: &str) -> Vec<u8> {

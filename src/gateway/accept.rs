@@ -148,9 +148,7 @@ pub(crate) async fn run(info: Arc<ListenerInfo>, listener: TcpListener, shared: 
         let ticket = shared.pending.admit(id, client_addr.ip());
         let (info, snapshot, process) = (info.clone(), shared.snapshot.load_full(), shared.process.clone());
         shared.tracker.spawn(async move {
-            conn::handle(tcp, client_addr, info, snapshot, process, ticket).await;
-            drop(slot);
-            drop(permit);
+            conn::handle(tcp, client_addr, info, snapshot, process, ticket, Box::new((slot, permit))).await;
         });
     }
 }
