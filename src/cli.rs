@@ -101,6 +101,65 @@ pub enum Command {
     /// client certificate, as an Istio sidecar would. The application's own
     /// TLS is untouched, end to end with the destination.
     Sidecar(SidecarArgs),
+    /// Apply (or print) the iptables rules that send applications'
+    /// connections to a listener with original_destination.
+    ///
+    /// redirect: nat OUTPUT (and PREROUTING on --interface) REDIRECT to
+    /// --port. tproxy: mangle PREROUTING TPROXY to --port, with the ip
+    /// rule/route for its mark. The gateway's own traffic (--uid, --mark)
+    /// and loopback are never captured. Needs root (CAP_NET_ADMIN); IPv4.
+    Iptables(IptablesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct IptablesArgs {
+    /// The interception listener's port.
+    #[arg(long, value_name = "PORT")]
+    pub port: u16,
+    /// redirect (iptables nat REDIRECT) or tproxy (mangle TPROXY).
+    #[arg(long, value_enum, default_value = "redirect")]
+    pub mode: crate::tools::iptables::Mode,
+    /// The gateway's UID, whose connections pass (repeatable); Istio uses 1337.
+    #[arg(long = "uid", value_name = "UID")]
+    pub uids: Vec<u32>,
+    /// The listener's upstream_mark, whose connections pass.
+    #[arg(long, value_name = "MARK")]
+    pub mark: Option<u32>,
+    /// Destination ports to capture (comma-separated); "all" for every TCP port.
+    #[arg(long, value_name = "PORTS", default_value = "443", value_parser = ports)]
+    pub ports: Ports,
+    /// Destination networks never captured (repeatable), e.g. the cluster's service CIDR.
+    #[arg(long, value_name = "CIDR")]
+    pub exclude: Vec<ipnet::Ipv4Net>,
+    /// Capture connections routed in through this interface (repeatable).
+    /// tproxy without it: every interface.
+    #[arg(long = "interface", value_name = "IF")]
+    pub interfaces: Vec<String>,
+    /// tproxy: the mark TPROXY sets, selecting the routing table below.
+    #[arg(long, value_name = "MARK", default_value_t = 0x1)]
+    pub tproxy_mark: u32,
+    /// tproxy: the routing table that delivers marked packets locally.
+    #[arg(long, value_name = "TABLE", default_value_t = 133)]
+    pub table: u32,
+    /// Print the rules as a shell script instead of applying them.
+    #[arg(long)]
+    pub print: bool,
+}
+
+/// `--ports`: a list, or every port.
+#[derive(Debug, Clone)]
+pub struct Ports(pub Vec<u16>);
+
+fn ports(s: &str) -> Result<Ports, String> {
+    if s == "all" {
+        return Ok(Ports(Vec::new()));
+    }
+    s.split(',')
+        .map(|p| {
+            p.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Ports)
 }
 
 #[derive(Debug, clap::Args)]

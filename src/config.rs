@@ -120,6 +120,66 @@ pub struct Listener {
     pub address: SocketAddr,
     pub mode: Mode,
     pub upstream_port: u16,
+    /// A PROXY protocol header comes first, from trusted sources only.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Connections intercepted by iptables: where the client really went.
+    pub original_destination: Option<OriginalDestination>,
+    /// Whether the name must resolve to the original destination.
+    pub verify_destination: VerifyDestination,
+    /// `SO_MARK` on this listener's upstream sockets.
+    pub upstream_mark: Option<u32>,
+}
+
+/// `listeners[].proxy_protocol`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    pub versions: crate::arrive::proxy::Versions,
+    /// Peers whose header is honoured; any other peer is refused.
+    pub trusted_sources: Vec<ipnet::IpNet>,
+    pub identity: ProxyIdentity,
+    /// What a `0xD0` identity's trust domain must be.
+    pub trust_domains: Vec<String>,
+}
+
+/// Where a PROXY header's caller identity comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyIdentity {
+    /// None: the caller has no identity.
+    #[default]
+    None,
+    /// Istio's `0xD0` TLV (ztunnel): the caller's SPIFFE ID.
+    IstioTlv,
+}
+
+/// How an intercepted connection's original destination is learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OriginalDestination {
+    /// iptables `REDIRECT` (nat): `SO_ORIGINAL_DST`.
+    Redirect,
+    /// iptables `TPROXY` (mangle): the accepted socket's local address.
+    Tproxy,
+}
+
+impl OriginalDestination {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginalDestination::Redirect => "redirect",
+            OriginalDestination::Tproxy => "tproxy",
+        }
+    }
+}
+
+/// `listeners[].verify_destination`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyDestination {
+    /// The name must resolve to the original destination's address, which
+    /// is the one dialled.
+    Strict,
+    /// The name decides; the original destination is only recorded.
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -490,6 +550,76 @@ access_log: {path: access.log}
                 wrong.push(format!("expected {needle:?} at {line}:{column}, got {:?}:\n{text}", e.pos));
             }
         }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
+    }
+
+    #[test]
+    fn arrival_keys_default_and_refuse_what_cannot_work() {
+        let c = parse(MINIMAL).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(
+            (&l.proxy_protocol, l.original_destination, l.verify_destination),
+            (&None, None, VerifyDestination::Off)
+        );
+        let ambient = "listeners:\n  - name: ambient\n    address: 127.0.0.1:15088\n    mode: passthrough\n    proxy_protocol:\n      trusted_sources: [127.0.0.1/32]\n      identity: istio_tlv\n";
+        let p = parse(ambient).unwrap().listeners[0].proxy_protocol.clone().unwrap();
+        assert_eq!(p.versions, crate::arrive::proxy::Versions::ALL);
+        assert_eq!(
+            (p.identity, p.trust_domains.as_slice()),
+            (ProxyIdentity::IstioTlv, &["cluster.local".to_owned()][..])
+        );
+        let transparent = "listeners:\n  - name: t\n    address: 127.0.0.1:15001\n    mode: passthrough\n    original_destination: redirect\n    upstream_mark: 1337\n";
+        let l = parse(transparent).unwrap().listeners[0].clone();
+        assert_eq!(
+            (l.original_destination, l.verify_destination, l.upstream_mark),
+            (Some(OriginalDestination::Redirect), VerifyDestination::Strict, Some(1337))
+        );
+
+        let head = "listeners:\n  - name: a\n    address: 127.0.0.1:1\n    mode: passthrough\n";
+        let cases: &[(&str, u64, u64, &str)] = &[
+            ("    proxy_protocol: {versions: [v2]}\n", 5, 21, "trusted_sources: missing"),
+            ("    proxy_protocol: {trusted_sources: []}\n", 5, 39, "at least one network"),
+            ("    proxy_protocol: {trusted_sources: [10.0.0.0/8], versions: [v3]}\n", 5, 64, "unknown variant `v3`"),
+            (
+                "    proxy_protocol: {trusted_sources: [10.0.0.0/8], versions: [v1], identity: istio_tlv}\n",
+                5,
+                21,
+                "PROXY v2 only",
+            ),
+            (
+                "    proxy_protocol: {trusted_sources: [10.0.0.0/8], identity: spiffe}\n",
+                5,
+                63,
+                "unknown variant `spiffe`",
+            ),
+            (
+                "    proxy_protocol: {trusted_sources: [10.0.0.0/8], trust_domains: [\"A B\"]}\n",
+                5,
+                69,
+                "not a valid trust domain",
+            ),
+            (
+                "    proxy_protocol: {trusted_sources: [10.0.0.0/8]}\n    original_destination: redirect\n",
+                6,
+                27,
+                "not both",
+            ),
+            ("    original_destination: nat\n", 5, 27, "unknown variant `nat`"),
+            ("    verify_destination: strict\n", 5, 25, "strict needs a destination"),
+            ("    original_destination: tproxy\n    upstream_mark: 0\n", 6, 20, "0 means no mark"),
+        ];
+        let mut wrong = Vec::new();
+        for (tail, line, column, needle) in cases {
+            let e = err(&format!("{head}{tail}"));
+            let text = e.to_string();
+            if e.pos != Some(Pos { line: *line, column: *column }) || !text.contains(needle) {
+                wrong.push(format!("expected {needle:?} at {line}:{column}, got {:?}:\n{text}", e.pos));
+            }
+        }
+        let mtls = "listeners:\n  - name: a\n    address: 127.0.0.1:1\n    mode: mtls\n    original_destination: redirect\nmtls:\n  dev_pki: pki\n";
+        assert!(err(mtls).to_string().contains("use mode: passthrough"));
+        let mtls = "listeners:\n  - name: a\n    address: 127.0.0.1:1\n    mode: mtls\n    proxy_protocol: {trusted_sources: [10.0.0.0/8], identity: istio_tlv}\nmtls:\n  dev_pki: pki\n";
+        assert!(err(mtls).to_string().contains("client certificate"));
         assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
     }
 

@@ -18,8 +18,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::admission::PendingTicket;
-use crate::arrive::ClientStream;
-use crate::config::Mode;
+use crate::arrive::proxy;
+use crate::arrive::transparent::original_destination;
+use crate::arrive::{ArrivalError, ClientStream};
+use crate::config::{Listener, Mode, OriginalDestination, ProxyIdentity, ProxyProtocol, VerifyDestination};
 use crate::connect::{Budget, connect};
 use crate::destination::Destination;
 use crate::error::{ConnError, Decision, Termination, alert_name};
@@ -45,12 +47,51 @@ pub struct ListenerInfo {
     pub name: Arc<str>,
     pub mode: Mode,
     pub upstream_port: u16,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    pub original_destination: Option<OriginalDestination>,
+    pub verify_destination: VerifyDestination,
+    pub upstream_mark: Option<u32>,
+    /// Every address the gateway listens on (no intercepted connection
+    /// may have meant one).
+    pub own: Arc<[SocketAddr]>,
+}
+
+impl ListenerInfo {
+    pub fn new(l: &Listener, own: Arc<[SocketAddr]>) -> ListenerInfo {
+        ListenerInfo {
+            name: l.name.as_str().into(),
+            mode: l.mode,
+            upstream_port: l.upstream_port,
+            proxy_protocol: l.proxy_protocol.clone(),
+            original_destination: l.original_destination,
+            verify_destination: l.verify_destination,
+            upstream_mark: l.upstream_mark,
+            own,
+        }
+    }
+
+    /// Whether `peer` is a proxy whose PROXY header this listener honours.
+    pub fn trusts_proxy(&self, peer: std::net::IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.proxy_protocol.as_ref().is_some_and(|p| p.trusted_sources.iter().any(|net| net.contains(&peer)))
+    }
 }
 
 /// What has been learned about the connection so far: its record in the
 /// making.
 #[derive(Default)]
 struct Facts {
+    /// How the addresses were learned: `tcp`, `proxy_v1`, `proxy_v2`,
+    /// `redirect`, `tproxy`.
+    arrival: &'static str,
+    /// The client's address from a PROXY header (the TCP peer is then the
+    /// proxy).
+    client_addr: Option<SocketAddr>,
+    /// The TCP peer, when it was a proxy.
+    proxy_addr: Option<SocketAddr>,
+    /// Where the client connected to: a PROXY header's destination, or an
+    /// intercepted connection's original destination.
+    original_dst: Option<SocketAddr>,
     principal: Option<Principal>,
     outer_sni: Option<String>,
     sni: Option<String>,
@@ -99,6 +140,7 @@ pub(crate) async fn handle(
         metrics: &process.metrics,
         transfer: &recorder.transfer,
         pending: &pending,
+        peer: client_addr,
     };
     // The stages run until they end by themselves, or are cut short by the
     // connection's maximum lifetime, the end of a drain, or an eviction
@@ -197,7 +239,10 @@ impl Recorder {
             duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             listener: self.listener.name.to_string(),
             mode: self.listener.mode.as_str(),
-            client_addr: self.client_addr,
+            arrival: if facts.arrival.is_empty() { "tcp" } else { facts.arrival },
+            client_addr: facts.client_addr.unwrap_or(self.client_addr),
+            proxy_addr: facts.proxy_addr,
+            original_dst: facts.original_dst,
             outer_sni: facts.outer_sni.take(),
             principal: principal.map(|p| p.uri().to_owned()),
             namespace: principal.and_then(|p| p.namespace()).map(str::to_owned),
@@ -237,20 +282,16 @@ struct Pipeline<'a> {
     metrics: &'a Metrics,
     transfer: &'a Transfer,
     pending: &'a PendingTicket,
+    /// The TCP peer.
+    peer: SocketAddr,
 }
 
 impl Pipeline<'_> {
     /// The whole data path for one accepted socket: the arrival, then the
     /// front and what follows on the client's stream.
-    async fn run(&self, tcp: TcpStream, facts: &mut Facts) -> Termination {
-        // A client sends its first flight at once; one that sends nothing
-        // gives its slot back long before a handshake timeout would (and
-        // never later than one).
-        let timeouts = &self.snapshot.timeouts;
-        let stage = if self.listener.mode == Mode::Mtls { timeouts.handshake } else { timeouts.client_hello };
-        // (A fresh socket counts as readable at first: peek waits for a byte.)
-        if tokio::time::timeout(timeouts.first_byte.min(stage), tcp.peek(&mut [0u8; 1])).await.is_err() {
-            return facts.refuse(ConnError::FirstByteTimeout);
+    async fn run(&self, mut tcp: TcpStream, facts: &mut Facts) -> Termination {
+        if let Err(e) = self.arrive_tcp(&mut tcp, facts).await {
+            return facts.refuse(e);
         }
         // Each path is boxed on its own: a connection's task then holds only
         // the state of its own kind (a passthrough connection does not pay
@@ -259,6 +300,45 @@ impl Pipeline<'_> {
             Mode::Passthrough => Box::pin(self.serve(tcp, facts)).await,
             Mode::Mtls => Box::pin(self.mesh(tcp, facts)).await,
         }
+    }
+
+    /// The TCP-level arrival: who the peer may be, where an intercepted
+    /// connection was going, the first byte, a trusted proxy's header.
+    /// Returns with the client's own bytes next on the socket.
+    async fn arrive_tcp(&self, tcp: &mut TcpStream, facts: &mut Facts) -> Result<(), ConnError> {
+        let listener = self.listener;
+        if listener.proxy_protocol.is_some() && !listener.trusts_proxy(self.peer.ip()) {
+            // Never parsed: a header from anyone else would be a lie.
+            return Err(ArrivalError::UntrustedProxy(self.peer.ip()).into());
+        }
+        if let Some(kind) = listener.original_destination {
+            let original = original_destination(tcp, kind, &listener.own).map_err(ArrivalError::from)?;
+            facts.arrival = kind.as_str();
+            facts.original_dst = Some(original);
+        }
+        // A client sends its first flight at once; one that sends nothing
+        // gives its slot back long before a handshake timeout would (and
+        // never later than one).
+        let timeouts = &self.snapshot.timeouts;
+        let stage = if listener.mode == Mode::Mtls { timeouts.handshake } else { timeouts.client_hello };
+        // (A fresh socket counts as readable at first: peek waits for a byte.)
+        if tokio::time::timeout(timeouts.first_byte.min(stage), tcp.peek(&mut [0u8; 1])).await.is_err() {
+            return Err(ConnError::FirstByteTimeout);
+        }
+        if let Some(settings) = &listener.proxy_protocol {
+            let header =
+                proxy::read(tcp, settings.versions, timeouts.client_hello).await.map_err(ArrivalError::from)?;
+            facts.arrival = header.version.arrival();
+            facts.proxy_addr = Some(self.peer);
+            if let Some((source, destination)) = header.addresses {
+                facts.client_addr = Some(source);
+                facts.original_dst = Some(destination);
+            }
+            if settings.identity == ProxyIdentity::IstioTlv {
+                facts.principal = crate::arrive::peer_identity(&header, &settings.trust_domains)?;
+            }
+        }
+        Ok(())
     }
 
     /// An mtls listener's connection: the outer layer, then the rest on the
@@ -339,11 +419,18 @@ impl Pipeline<'_> {
         let raw = hello.server_name.as_deref().ok_or(ConnError::NoSni)?;
         let name = ServerName::from_bytes(raw).inspect_err(|_| facts.sni = Some(printable(raw)))?;
         facts.sni = Some(name.to_string());
-        let destination = Destination { name, port: self.listener.upstream_port, identity: facts.principal.clone() };
+        // An intercepted connection goes where it was going; anything else
+        // to the listener's port.
+        let port = match (self.listener.original_destination, facts.original_dst) {
+            (Some(_), Some(original)) => original.port(),
+            _ => self.listener.upstream_port,
+        };
+        let destination = Destination { name, port, identity: facts.principal.clone(), original: facts.original_dst };
 
         self.authorize(&destination, hello.ech, facts)?;
         self.pending.settle();
         let addrs = self.resolve(&destination.name).await?;
+        let addrs = self.verify(&destination, addrs)?;
         let upstream = self.connect(&addrs, destination.port, facts).await?;
         Ok((upstream, read))
     }
@@ -391,12 +478,31 @@ impl Pipeline<'_> {
         Ok(resolved.addrs)
     }
 
+    /// `verify_destination: strict`: the name must resolve to the address
+    /// the client connected to, and only that address is dialled (a client
+    /// cannot reach one address while naming another).
+    fn verify(
+        &self,
+        destination: &Destination,
+        addrs: Vec<std::net::IpAddr>,
+    ) -> Result<Vec<std::net::IpAddr>, ConnError> {
+        if self.listener.verify_destination == VerifyDestination::Off {
+            return Ok(addrs);
+        }
+        match destination.original {
+            Some(original) if addrs.contains(&original.ip()) => Ok(vec![original.ip()]),
+            original => {
+                Err(ConnError::DestinationMismatch { name: destination.name.to_string(), original, resolved: addrs })
+            }
+        }
+    }
+
     /// The upstream connection, within the connect budget.
     async fn connect(&self, addrs: &[std::net::IpAddr], port: u16, facts: &mut Facts) -> Result<TcpStream, ConnError> {
         let timeouts = &self.snapshot.timeouts;
         let budget = Budget { per_attempt: timeouts.connect, total: timeouts.connect_total };
         let dialled = Instant::now();
-        match connect(addrs, port, budget).await {
+        match connect(addrs, port, budget, self.listener.upstream_mark).await {
             Ok((upstream, addr)) => {
                 self.metrics.connect(ConnectResult::Ok, dialled.elapsed());
                 facts.upstream_addr = Some(addr);
@@ -458,7 +564,17 @@ mod tests {
     }
 
     fn listener() -> Arc<ListenerInfo> {
-        Arc::new(ListenerInfo { name: "l".into(), mode: Mode::Passthrough, upstream_port: 443 })
+        let l = Listener {
+            name: "l".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            mode: Mode::Passthrough,
+            upstream_port: 443,
+            proxy_protocol: None,
+            original_destination: None,
+            verify_destination: VerifyDestination::Off,
+            upstream_mark: None,
+        };
+        Arc::new(ListenerInfo::new(&l, Arc::new([])))
     }
 
     #[tokio::test]

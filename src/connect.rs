@@ -8,7 +8,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 /// Most addresses tried for one connection: a DNS answer with dozens of
@@ -74,14 +74,20 @@ impl ConnectError {
 }
 
 /// Connects to the first address that accepts (of the first
-/// [`MAX_ATTEMPTS`]), within `budget`.
-pub async fn connect(addrs: &[IpAddr], port: u16, budget: Budget) -> Result<(TcpStream, SocketAddr), ConnectError> {
+/// [`MAX_ATTEMPTS`]), within `budget`; `mark` is set as the sockets'
+/// `SO_MARK` (so interception rules can let them pass).
+pub async fn connect(
+    addrs: &[IpAddr],
+    port: u16,
+    budget: Budget,
+    mark: Option<u32>,
+) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let deadline = Instant::now() + budget.total;
     let mut attempts = Vec::new();
     for ip in addrs.iter().take(MAX_ATTEMPTS) {
         let addr = SocketAddr::new(*ip, port);
         let until = deadline.min(Instant::now() + budget.per_attempt);
-        match tokio::time::timeout_at(until, TcpStream::connect(addr)).await {
+        match tokio::time::timeout_at(until, dial(addr, mark)).await {
             Ok(Ok(stream)) => {
                 crate::net::tune(&stream);
                 return Ok((stream, addr));
@@ -95,4 +101,11 @@ pub async fn connect(addrs: &[IpAddr], port: u16, budget: Budget) -> Result<(Tcp
         }
     }
     Err(ConnectError { attempts, budget_spent: false })
+}
+
+async fn dial(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else { return TcpStream::connect(addr).await };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+    socket2::SockRef::from(&socket).set_mark(mark)?;
+    socket.connect(addr).await
 }

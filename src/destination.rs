@@ -15,6 +15,10 @@ pub struct Destination {
     pub name: ServerName,
     /// The port to dial; never taken from the SNI.
     pub port: u16,
-    /// The caller's identity, when the arrival established one (outer mTLS).
+    /// The caller's identity, when the arrival established one (outer mTLS,
+    /// or a trusted PROXY header's identity TLV).
     pub identity: Option<Principal>,
+    /// Where the client connected to, when the arrival knows: a PROXY
+    /// header's destination, an intercepted connection's original one.
+    pub original: Option<std::net::SocketAddr>,
 }

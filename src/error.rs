@@ -7,7 +7,12 @@
 //! Behaviour is chosen by matching on these variants, never by comparing
 //! labels.
 
+use std::net::{IpAddr, SocketAddr};
+
+use crate::arrive::ArrivalError;
 use crate::arrive::mtls::HandshakeError;
+use crate::arrive::proxy::ReadError as HeaderReadError;
+use crate::arrive::transparent::OriginalDstError;
 use crate::connect::ConnectError;
 use crate::front::tls::{HelloError, ReadError, alert};
 use crate::name::NameError;
@@ -73,6 +78,7 @@ pub enum Termination {
     HandshakeFailed,
     HandshakeTimeout,
     ClientHelloTimeout,
+    ProxyHeaderTimeout,
     DnsTimeout,
     ConnectTimeout,
     /// The connection's task failed (a bug); its record says so.
@@ -90,6 +96,7 @@ impl Termination {
             Termination::HandshakeFailed => "handshake_failed",
             Termination::HandshakeTimeout => "handshake_timeout",
             Termination::ClientHelloTimeout => "client_hello_timeout",
+            Termination::ProxyHeaderTimeout => "proxy_header_timeout",
             Termination::DnsTimeout => "dns_timeout",
             Termination::ConnectTimeout => "connect_timeout",
             Termination::Internal => "internal_error",
@@ -115,6 +122,8 @@ pub enum ConnError {
     #[error("evicted: limits.max_pending_connections reached and this was the oldest connection without a destination")]
     Evicted,
     #[error(transparent)]
+    Arrival(#[from] ArrivalError),
+    #[error(transparent)]
     Handshake(#[from] HandshakeError),
     #[error(transparent)]
     Hello(#[from] ReadError),
@@ -128,6 +137,9 @@ pub enum ConnError {
     Ech,
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    #[error("{name} resolves to {resolved:?}, not to the original destination {}",
+        original.map_or_else(|| "(none: the PROXY header named no address)".to_owned(), |o| o.to_string()))]
+    DestinationMismatch { name: String, original: Option<SocketAddr>, resolved: Vec<IpAddr> },
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("ended by timeouts.max_lifetime before its data path was set up")]
@@ -146,6 +158,7 @@ impl ConnError {
             ConnError::SourceLimit => "source_limit",
             ConnError::FirstByteTimeout => "first_byte_timeout",
             ConnError::Evicted => "pending_evicted",
+            ConnError::Arrival(e) => e.reason(),
             ConnError::Handshake(e) => e.reason(),
             ConnError::Hello(ReadError::Hello(e)) => e.reason(),
             ConnError::Hello(ReadError::Timeout { .. }) => "client_hello_timeout",
@@ -156,6 +169,7 @@ impl ConnError {
             ConnError::Denied(_) => "policy_denied",
             ConnError::Ech => "ech_refused",
             ConnError::Resolve(e) => e.reason(),
+            ConnError::DestinationMismatch { .. } => "destination_mismatch",
             ConnError::Connect(e) => e.reason(),
             ConnError::MaxLifetime => "max_lifetime",
             ConnError::Shutdown => "shutdown",
@@ -168,7 +182,14 @@ impl ConnError {
             ConnError::Handshake(_) | ConnError::Hello(_) | ConnError::NoSni | ConnError::InvalidSni(_) => Side::Client,
             ConnError::SourceLimit | ConnError::FirstByteTimeout => Side::Client,
             ConnError::Evicted => Side::Internal,
-            ConnError::Denied(_) | ConnError::Ech | ConnError::Resolve(ResolveError::AllRefused(_)) => Side::Policy,
+            ConnError::Arrival(
+                ArrivalError::UntrustedProxy(_) | ArrivalError::OriginalDestination(OriginalDstError::Loop(_)),
+            ) => Side::Policy,
+            ConnError::Arrival(_) => Side::Client,
+            ConnError::Denied(_)
+            | ConnError::Ech
+            | ConnError::Resolve(ResolveError::AllRefused(_))
+            | ConnError::DestinationMismatch { .. } => Side::Policy,
             ConnError::Resolve(_) | ConnError::Connect(_) => Side::Upstream,
             ConnError::ConnectionLimit | ConnError::MaxLifetime | ConnError::Shutdown | ConnError::Internal(_) => {
                 Side::Internal
@@ -184,6 +205,13 @@ impl ConnError {
             ConnError::ConnectionLimit
             | ConnError::SourceLimit
             | ConnError::Evicted
+            | ConnError::Arrival(
+                ArrivalError::UntrustedProxy(_)
+                | ArrivalError::Header(HeaderReadError::Invalid(_))
+                | ArrivalError::Identity(_)
+                | ArrivalError::OriginalDestination(_),
+            )
+            | ConnError::DestinationMismatch { .. }
             | ConnError::Handshake(_)
             | ConnError::Hello(ReadError::Hello(_))
             | ConnError::NoSni
@@ -192,6 +220,7 @@ impl ConnError {
             | ConnError::Ech
             | ConnError::Resolve(ResolveError::AllRefused(_)) => Decision::Denied,
             ConnError::Hello(_)
+            | ConnError::Arrival(ArrivalError::Header(_))
             | ConnError::FirstByteTimeout
             | ConnError::Resolve(_)
             | ConnError::Connect(_)
@@ -206,6 +235,13 @@ impl ConnError {
             ConnError::Handshake(HandshakeError::Timeout) => Termination::HandshakeTimeout,
             ConnError::Handshake(_) => Termination::HandshakeFailed,
             ConnError::Hello(ReadError::Timeout { .. }) => Termination::ClientHelloTimeout,
+            ConnError::Arrival(ArrivalError::Header(HeaderReadError::Timeout(_))) => Termination::ProxyHeaderTimeout,
+            ConnError::Arrival(ArrivalError::Header(HeaderReadError::Closed)) => {
+                Termination::Relayed(Ended::ClientClosed)
+            }
+            ConnError::Arrival(ArrivalError::Header(HeaderReadError::Io(_))) => {
+                Termination::Relayed(Ended::ClientError)
+            }
             ConnError::Hello(ReadError::Closed { .. }) => Termination::Relayed(Ended::ClientClosed),
             ConnError::Hello(ReadError::Io(_)) => Termination::Relayed(Ended::ClientError),
             ConnError::Resolve(ResolveError::Timeout) => Termination::DnsTimeout,
@@ -222,9 +258,10 @@ impl ConnError {
     /// peer does not speak TLS, has gone, or the outer layer already told it.
     pub fn alert(&self) -> Option<u8> {
         match self {
-            ConnError::Denied(_) | ConnError::Ech | ConnError::Resolve(ResolveError::AllRefused(_)) => {
-                Some(alert::ACCESS_DENIED)
-            }
+            ConnError::Denied(_)
+            | ConnError::Ech
+            | ConnError::Resolve(ResolveError::AllRefused(_))
+            | ConnError::DestinationMismatch { .. } => Some(alert::ACCESS_DENIED),
             ConnError::NoSni
             | ConnError::InvalidSni(_)
             | ConnError::Resolve(ResolveError::NxDomain | ResolveError::NoAddresses) => Some(alert::UNRECOGNIZED_NAME),
@@ -241,6 +278,8 @@ impl ConnError {
             | ConnError::SourceLimit
             | ConnError::FirstByteTimeout
             | ConnError::Evicted
+            // The arrival stage reads no TLS: what follows may not be.
+            | ConnError::Arrival(_)
             | ConnError::Handshake(_)
             | ConnError::MaxLifetime
             | ConnError::Shutdown => None,
@@ -256,6 +295,12 @@ impl ConnError {
             // dns_timeout
             ConnError::Resolve(ResolveError::Timeout) => 504,
             ConnError::Denied(_) | ConnError::Ech | ConnError::Resolve(ResolveError::AllRefused(_)) => 403,
+            // destination_ip_prohibited
+            ConnError::DestinationMismatch { .. } | ConnError::Arrival(ArrivalError::UntrustedProxy(_)) => 403,
+            // 508 Loop Detected (RFC 5842)
+            ConnError::Arrival(ArrivalError::OriginalDestination(OriginalDstError::Loop(_))) => 508,
+            ConnError::Arrival(ArrivalError::Header(HeaderReadError::Timeout(_) | HeaderReadError::Closed)) => 408,
+            ConnError::Arrival(_) => 400,
             // connection_timeout / connection_refused
             ConnError::Connect(e) if e.timed_out() => 504,
             ConnError::Connect(_) => 502,
@@ -301,6 +346,92 @@ mod tests {
             (ConnError::SourceLimit, "source_limit", "denied", "client", "refused", None, 429),
             (ConnError::FirstByteTimeout, "first_byte_timeout", "error", "client", "first_byte_timeout", None, 408),
             (ConnError::Evicted, "pending_evicted", "denied", "internal", "refused", None, 503),
+            (
+                ArrivalError::UntrustedProxy([192, 0, 2, 1].into()).into(),
+                "untrusted_proxy",
+                "denied",
+                "policy",
+                "refused",
+                None,
+                403,
+            ),
+            (
+                ArrivalError::Header(crate::arrive::proxy::HeaderError::Missing.into()).into(),
+                "proxy_header_missing",
+                "denied",
+                "client",
+                "refused",
+                None,
+                400,
+            ),
+            (
+                ArrivalError::Header(crate::arrive::proxy::HeaderError::V2("x").into()).into(),
+                "proxy_header_invalid",
+                "denied",
+                "client",
+                "refused",
+                None,
+                400,
+            ),
+            (
+                ArrivalError::Header(HeaderReadError::Timeout(Duration::from_secs(1))).into(),
+                "proxy_header_timeout",
+                "error",
+                "client",
+                "proxy_header_timeout",
+                None,
+                408,
+            ),
+            (
+                ArrivalError::Header(HeaderReadError::Closed).into(),
+                "client_closed_early",
+                "error",
+                "client",
+                "client_closed",
+                None,
+                408,
+            ),
+            (
+                ArrivalError::Identity("x".into()).into(),
+                "proxy_identity_invalid",
+                "denied",
+                "client",
+                "refused",
+                None,
+                400,
+            ),
+            (
+                ArrivalError::OriginalDestination(OriginalDstError::Unknown(std::io::ErrorKind::NotFound.into()))
+                    .into(),
+                "no_original_destination",
+                "denied",
+                "client",
+                "refused",
+                None,
+                400,
+            ),
+            (
+                ArrivalError::OriginalDestination(OriginalDstError::Loop("127.0.0.1:1".parse().unwrap())).into(),
+                "destination_loop",
+                "denied",
+                "policy",
+                "refused",
+                None,
+                508,
+            ),
+            (
+                ConnError::DestinationMismatch {
+                    name: "a.example".into(),
+                    original: Some("198.18.0.10:443".parse().unwrap()),
+                    resolved: vec![[192, 0, 2, 1].into()],
+                },
+                "destination_mismatch",
+                "denied",
+                "policy",
+                "refused",
+                Some(alert::ACCESS_DENIED),
+                403,
+            ),
             (
                 HandshakeError::Timeout.into(),
                 "outer_handshake_timeout",

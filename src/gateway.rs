@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Pending;
-use crate::config::{Config, Shutdown};
+use crate::config::{Config, OriginalDestination, Shutdown};
 use crate::conn::ListenerInfo;
 use crate::observe::access_log::Sink;
 use crate::observe::admin;
@@ -61,20 +61,33 @@ impl Gateway {
     /// Builds the snapshot and binds every listener; nothing is accepted yet.
     pub async fn bind(config: &Config, sink: Arc<dyn Sink>) -> Result<Gateway, StartError> {
         let snapshot = Snapshot::build(config, None)?;
-        let mut listeners = Vec::new();
+        let mut sockets = Vec::new();
         for l in &config.listeners {
-            let socket = TcpListener::bind(l.address).await.map_err(|error| StartError::Bind {
+            let transparent = l.original_destination == Some(OriginalDestination::Tproxy);
+            let socket = crate::net::listen(l.address, transparent).map_err(|error| StartError::Bind {
                 name: l.name.clone(),
                 addr: l.address,
                 error,
             })?;
-            let info = ListenerInfo { name: l.name.as_str().into(), mode: l.mode, upstream_port: l.upstream_port };
-            listeners.push((Arc::new(info), socket));
+            if let Some(mark) = l.upstream_mark {
+                // Refused at start, not at each connection.
+                crate::net::check_mark(mark).map_err(|error| StartError::Mark { name: l.name.clone(), mark, error })?;
+            }
+            sockets.push(socket);
         }
         let admin = match config.metrics.address {
             None => None,
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|error| StartError::BindMetrics { addr, error })?),
         };
+        // What no intercepted connection may have meant: the gateway itself.
+        let own: Arc<[SocketAddr]> =
+            sockets.iter().chain(admin.as_ref()).filter_map(|s| s.local_addr().ok()).collect::<Vec<_>>().into();
+        let listeners = config
+            .listeners
+            .iter()
+            .zip(sockets)
+            .map(|(l, socket)| (Arc::new(ListenerInfo::new(l, own.clone())), socket))
+            .collect();
         let metrics = Arc::new(Metrics::new(config.metrics.caps));
         let pending = Arc::new(Pending::new(config.limits.max_pending_connections, metrics.clone()));
         if let Some(not_after) = snapshot.certificate_expiry() {

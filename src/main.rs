@@ -47,6 +47,40 @@ fn dispatch(cli: Cli) -> ExitCode {
             certs(&out, &clients, &gateway_id, server_names, force)
         }
         Command::Sidecar(args) => sidecar(args),
+        Command::Iptables(args) => iptables(args),
+    }
+}
+
+fn iptables(args: snigress::cli::IptablesArgs) -> ExitCode {
+    use snigress::tools::iptables::{Spec, apply, script};
+    let spec = Spec {
+        mode: args.mode,
+        port: args.port,
+        ports: args.ports.0,
+        uids: args.uids,
+        mark: args.mark,
+        exclude: args.exclude,
+        interfaces: args.interfaces,
+        tproxy_mark: args.tproxy_mark,
+        table: args.table,
+    };
+    let commands = match spec.commands() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("snigress iptables: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print {
+        print!("{}", script(&commands));
+        return ExitCode::SUCCESS;
+    }
+    match apply(&commands) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("snigress iptables: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -26,6 +26,38 @@ pub fn tune(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
+/// A listening socket on `addr`; `transparent` makes it `IP_TRANSPARENT`
+/// (TPROXY), which needs CAP_NET_ADMIN and says so when refused.
+pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // As std and tokio bind: [::] takes IPv4 too where the system allows.
+        let _ = socket.set_only_v6(false);
+    }
+    if transparent {
+        let set = if addr.is_ipv4() { socket.set_ip_transparent_v4(true) } else { socket.set_ip_transparent_v6(true) };
+        set.map_err(|e| {
+            io::Error::new(e.kind(), format!("IP_TRANSPARENT (original_destination: tproxy needs CAP_NET_ADMIN): {e}"))
+        })?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Whether this process may set `mark` on its sockets (`SO_MARK` needs
+/// CAP_NET_ADMIN).
+pub fn check_mark(mark: u32) -> io::Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_mark(mark)
+}
+
+/// Listen backlog: tokio's and std's default.
+const LISTEN_BACKLOG: i32 = 1024;
+
 /// Errors that concern one pending connection only (it was reset or
 /// aborted before we took it): the next accept is for another one, so
 /// retrying at once cannot spin.

@@ -46,6 +46,8 @@ pub enum StartError {
     Bind { name: String, addr: SocketAddr, error: std::io::Error },
     #[error("cannot listen on {addr} (metrics.address): {error}")]
     BindMetrics { addr: SocketAddr, error: std::io::Error },
+    #[error("listener {name:?}: cannot set upstream_mark {mark} on a socket: {error} (SO_MARK needs CAP_NET_ADMIN)")]
+    Mark { name: String, mark: u32, error: std::io::Error },
 }
 
 impl Snapshot {

@@ -1,6 +1,8 @@
 //! Commands beside the gateway: `snigress check` ([`check`]), the
-//! development PKI ([`devcerts`]) and `snigress sidecar` ([`sidecar`]).
+//! development PKI ([`devcerts`]), `snigress sidecar` ([`sidecar`]) and
+//! `snigress iptables` ([`iptables`]).
 
 pub mod check;
 pub mod devcerts;
+pub mod iptables;
 pub mod sidecar;

@@ -16,25 +16,33 @@ fn files(target: &str) -> Vec<PathBuf> {
     files
 }
 
-#[test]
-fn every_client_hello_corpus_file_passes_the_fuzz_check() {
-    let files = files("client_hello");
-    assert!(files.len() >= 7, "the seed corpus is there ({} files)", files.len());
+/// Runs `check` on every file of `target`'s corpus, which must hold at
+/// least `seeds` files.
+fn replay(target: &str, seeds: usize, check: impl Fn(&[u8]) + std::panic::RefUnwindSafe) {
+    let files = files(target);
+    assert!(files.len() >= seeds, "the {target} seed corpus is there ({} files)", files.len());
     for file in files {
         let data = std::fs::read(&file).expect("corpus file");
-        let run = std::panic::catch_unwind(|| snigress::front::tls::testing::check_reader(&data));
-        assert!(run.is_ok(), "{} fails the ClientHello check", file.display());
+        let run = std::panic::catch_unwind(|| check(&data));
+        assert!(run.is_ok(), "{} fails the {target} check", file.display());
     }
 }
 
 #[test]
+fn every_client_hello_corpus_file_passes_the_fuzz_check() {
+    replay("client_hello", 7, snigress::front::tls::testing::check_reader);
+}
+
+#[test]
 fn every_config_corpus_file_passes_the_fuzz_check() {
-    let files = files("config");
-    assert!(files.len() >= 2, "the seed corpus is there ({} files)", files.len());
-    for file in files {
-        let data = std::fs::read(&file).expect("corpus file");
-        let Ok(text) = std::str::from_utf8(&data) else { continue };
-        let run = std::panic::catch_unwind(|| snigress::config::testing::check_parse(text));
-        assert!(run.is_ok(), "{} fails the config check", file.display());
-    }
+    replay("config", 2, |data| {
+        if let Ok(text) = std::str::from_utf8(data) {
+            snigress::config::testing::check_parse(text);
+        }
+    });
+}
+
+#[test]
+fn every_proxy_header_corpus_file_passes_the_fuzz_check() {
+    replay("proxy_header", 7, snigress::arrive::proxy::testing::check);
 }

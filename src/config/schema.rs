@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use serde_saphyr::{Location, Spanned};
 
-use super::{Mode, defaults};
+use super::{Mode, OriginalDestination, ProxyIdentity, VerifyDestination, defaults};
 use crate::identity::Principal;
 use crate::observe::metrics::defaults as metric_defaults;
 use crate::policy::Pattern;
@@ -53,6 +53,35 @@ pub(super) struct RawListener {
     pub mode: Spanned<Mode>,
     #[serde(default = "default_upstream_port")]
     pub upstream_port: Spanned<u16>,
+    #[serde(default)]
+    pub proxy_protocol: Option<Spanned<RawProxyProtocol>>,
+    #[serde(default)]
+    pub original_destination: Option<Spanned<OriginalDestination>>,
+    #[serde(default)]
+    pub verify_destination: Option<Spanned<VerifyDestination>>,
+    #[serde(default)]
+    pub upstream_mark: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProxyProtocol {
+    #[serde(default)]
+    pub versions: Option<Spanned<Vec<ProxyVersion>>>,
+    #[serde(default)]
+    pub trusted_sources: Option<Spanned<Vec<Parsed<Cidr>>>>,
+    #[serde(default)]
+    pub identity: ProxyIdentity,
+    #[serde(default)]
+    pub trust_domains: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `v1` or `v2`.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum ProxyVersion {
+    V1,
+    V2,
 }
 
 fn default_upstream_port() -> Spanned<u16> {

@@ -88,14 +88,145 @@ fn listeners(raw: &RawConfig, ctx: &Ctx<'_>) -> Result<Vec<Listener>, ConfigErro
                 format!("listeners[{i}].mode: listener {name:?} is mtls but the config has no mtls: section"),
             ));
         }
+        let key = |k: &str| format!("listeners[{i}].{k}");
+        let proxy_protocol = match &l.proxy_protocol {
+            Some(p) => Some(proxy_protocol(p, raw, l.mode.value, &key("proxy_protocol"), ctx)?),
+            None => None,
+        };
+        let original_destination = l.original_destination.as_ref().map(|o| o.value);
+        if let Some(o) = &l.original_destination {
+            if proxy_protocol.is_some() {
+                return Err(ctx.at(
+                    o,
+                    format!("{}: a listener takes either a PROXY header or an intercepted connection's original destination, not both", key("original_destination")),
+                ));
+            }
+            if l.mode.value != Mode::Passthrough {
+                return Err(ctx.at(
+                    o,
+                    format!(
+                        "{}: intercepted connections carry the application's own TLS: use mode: passthrough",
+                        key("original_destination")
+                    ),
+                ));
+            }
+        }
+        // Strict by default where the destination is an address the client
+        // chose; a PROXY header's destination may be a VIP (Istio ambient's
+        // ServiceEntry address), which no name resolves to.
+        let verify_destination = match &l.verify_destination {
+            Some(v)
+                if v.value == VerifyDestination::Strict
+                    && original_destination.is_none()
+                    && proxy_protocol.is_none() =>
+            {
+                return Err(ctx.at(
+                    v,
+                    format!(
+                        "{}: strict needs a destination to verify: original_destination or proxy_protocol",
+                        key("verify_destination")
+                    ),
+                ));
+            }
+            Some(v) => v.value,
+            None if original_destination.is_some() => VerifyDestination::Strict,
+            None => VerifyDestination::Off,
+        };
         listeners.push(Listener {
             name: name.to_owned(),
             address,
             mode: l.mode.value,
             upstream_port: l.upstream_port.value,
+            proxy_protocol,
+            original_destination,
+            verify_destination,
+            upstream_mark: match &l.upstream_mark {
+                Some(m) if m.value == 0 => {
+                    return Err(ctx.at(
+                        m,
+                        format!("{}: 0 means no mark; use 1-4294967295 or leave it out", key("upstream_mark")),
+                    ));
+                }
+                m => m.as_ref().map(|m| m.value),
+            },
         });
     }
     Ok(listeners)
+}
+
+fn proxy_protocol(
+    p: &Spanned<RawProxyProtocol>,
+    raw: &RawConfig,
+    mode: Mode,
+    key: &str,
+    ctx: &Ctx<'_>,
+) -> Result<ProxyProtocol, ConfigError> {
+    use crate::arrive::proxy::Versions;
+    let versions = match &p.value.versions {
+        None => Versions::ALL,
+        Some(list) if list.value.is_empty() => {
+            return Err(ctx.at(list, format!("{key}.versions: name at least one of v1, v2")));
+        }
+        Some(list) => {
+            Versions { v1: list.value.contains(&ProxyVersion::V1), v2: list.value.contains(&ProxyVersion::V2) }
+        }
+    };
+    let trusted_sources = match &p.value.trusted_sources {
+        None => {
+            return Err(ctx.at(
+                p,
+                format!("{key}.trusted_sources: missing; the header is honoured only from these networks (e.g. [127.0.0.1/32] for a ztunnel in the same pod)"),
+            ));
+        }
+        Some(list) if list.value.is_empty() => {
+            return Err(ctx.at(list, format!("{key}.trusted_sources: at least one network is needed")));
+        }
+        Some(list) => list.value.iter().map(|c| c.0.0).collect(),
+    };
+    let identity = p.value.identity;
+    if identity == ProxyIdentity::IstioTlv && mode == Mode::Mtls {
+        return Err(ctx.at(p, format!("{key}.identity: on an mtls listener the caller's identity is its client certificate; use identity: none")));
+    }
+    if identity == ProxyIdentity::IstioTlv && !versions.v2 {
+        return Err(ctx.at(p, format!("{key}.identity: istio_tlv is carried by PROXY v2 only; add v2 to versions")));
+    }
+    // Absent: the mesh's, as for mTLS identities.
+    let trust_domains = match &p.value.trust_domains {
+        Some(list) => trust_domains(Some(list), &format!("{key}.trust_domains"), ctx)?,
+        None => {
+            trust_domains(raw.mtls.as_ref().and_then(|m| m.value.trust_domains.as_ref()), "mtls.trust_domains", ctx)?
+        }
+    };
+    Ok(ProxyProtocol { versions, trusted_sources, identity, trust_domains })
+}
+
+/// A list of trust domains (`key` names it in errors); absent: Istio's
+/// default.
+fn trust_domains(
+    list: Option<&Spanned<Vec<Spanned<String>>>>,
+    key: &str,
+    ctx: &Ctx<'_>,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(list) = list else { return Ok(vec![DEFAULT_TRUST_DOMAIN.to_owned()]) };
+    if list.value.is_empty() {
+        return Err(ctx.at(list, format!("{key}: at least one trust domain is needed")));
+    }
+    let mut out = Vec::new();
+    for td in &list.value {
+        let ok = Principal::parse(&format!("spiffe://{}", td.value))
+            .is_ok_and(|p| p.trust_domain() == td.value && p.namespace().is_none() && !td.value.contains('/'));
+        if !ok {
+            return Err(ctx.at(
+                td,
+                format!(
+                    "{key}: {:?} is not a valid trust domain (lower-case letters, digits, '.', '-', '_')",
+                    super::error::clip_lines(&td.value)
+                ),
+            ));
+        }
+        out.push(td.value.clone());
+    }
+    Ok(out)
 }
 
 fn mtls(m: &Spanned<RawMtls>, ctx: &Ctx<'_>) -> Result<Mtls, ConfigError> {
@@ -121,30 +252,7 @@ fn mtls(m: &Spanned<RawMtls>, ctx: &Ctx<'_>) -> Result<Mtls, ConfigError> {
             );
         }
     };
-    let trust_domains = match &raw.trust_domains {
-        None => vec![DEFAULT_TRUST_DOMAIN.to_owned()],
-        Some(list) if list.value.is_empty() => {
-            return Err(ctx.at(list, "mtls.trust_domains: at least one trust domain is needed".into()));
-        }
-        Some(list) => {
-            let mut out = Vec::new();
-            for td in &list.value {
-                let ok = Principal::parse(&format!("spiffe://{}", td.value))
-                    .is_ok_and(|p| p.trust_domain() == td.value && p.namespace().is_none() && !td.value.contains('/'));
-                if !ok {
-                    return Err(ctx.at(
-                        td,
-                        format!(
-                            "mtls.trust_domains: {:?} is not a valid trust domain (lower-case letters, digits, '.', '-', '_')",
-                            td.value
-                        ),
-                    ));
-                }
-                out.push(td.value.clone());
-            }
-            out
-        }
-    };
+    let trust_domains = trust_domains(raw.trust_domains.as_ref(), "mtls.trust_domains", ctx)?;
     let mut alpn = Vec::new();
     for p in &raw.alpn {
         if p.value == "istio-peer-exchange" {

@@ -139,10 +139,17 @@ pub(crate) async fn run(info: Arc<ListenerInfo>, listener: TcpListener, shared: 
             refuse(ConnError::ConnectionLimit);
             continue;
         };
-        let Some(slot) = shared.sources.try_take(client_addr.ip()) else {
-            drop(tcp);
-            refuse(ConnError::SourceLimit);
-            continue;
+        // A trusted proxy carries many clients (one ztunnel, every caller
+        // of its node): it is not held to one client's share.
+        let slot = if info.trusts_proxy(client_addr.ip()) {
+            None
+        } else {
+            let Some(slot) = shared.sources.try_take(client_addr.ip()) else {
+                drop(tcp);
+                refuse(ConnError::SourceLimit);
+                continue;
+            };
+            Some(slot)
         };
         crate::net::tune(&tcp);
         let ticket = shared.pending.admit(id, client_addr.ip());

@@ -25,7 +25,16 @@ pub struct Record {
     pub listener: String,
     /// `mtls` or `passthrough`.
     pub mode: &'static str,
+    /// How the connection's addresses were learned: `tcp`, `proxy_v1`,
+    /// `proxy_v2`, `redirect` or `tproxy`.
+    pub arrival: &'static str,
+    /// The client: the TCP peer, or the source a trusted PROXY header named.
     pub client_addr: SocketAddr,
+    /// The TCP peer when it was a proxy that sent a PROXY header.
+    pub proxy_addr: Option<SocketAddr>,
+    /// Where the client connected to: a PROXY header's destination or an
+    /// intercepted connection's original destination.
+    pub original_dst: Option<SocketAddr>,
     /// SNI of the outer mTLS layer (mtls listeners; never used for routing).
     pub outer_sni: Option<String>,
     /// SPIFFE ID of the caller (mtls listeners).
@@ -269,7 +278,10 @@ mod tests {
             duration_ms: 0,
             listener: "l".into(),
             mode: "passthrough",
+            arrival: "tcp",
             client_addr: "127.0.0.1:1".parse().unwrap(),
+            proxy_addr: None,
+            original_dst: None,
             outer_sni: None,
             principal: None,
             namespace: None,

@@ -298,6 +298,9 @@ pub struct Options {
     /// The global allow list, as a YAML flow sequence; default
     /// `["*.allowed.test"]`.
     pub allow: Option<String>,
+    /// More listeners, verbatim YAML list items; `{echo}` and `{capture}`
+    /// stand for those upstreams' ports.
+    pub listeners: String,
     /// Keep the config file as Kubernetes mounts a ConfigMap:
     /// `snigress.yaml -> ..data/snigress.yaml`, `..data -> ..v1`.
     pub configmap: bool,
@@ -465,7 +468,7 @@ pub fn config_text(pki: &Pki, dns: SocketAddr, echo: u16, capture: u16, options:
     address: 127.0.0.1:0
     mode: passthrough
     upstream_port: {capture}
-mtls:
+{extra_listeners}mtls:
   cert: {dir}/gateway.pem
   key: {dir}/gateway.key
   client_ca: {dir}/ca.pem
@@ -483,7 +486,9 @@ resolver:
 metrics:
   address: 127.0.0.1:0
 {metrics_extra}{sections}",
-        sections = options.sections
+        sections = options.sections,
+        extra_listeners =
+            options.listeners.replace("{echo}", &echo.to_string()).replace("{capture}", &capture.to_string()),
     )
 }
 
