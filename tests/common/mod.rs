@@ -43,6 +43,10 @@ pub const ZONE: &[(&str, &[Ipv4Addr])] = &[
     ("a.team.test", &[Ipv4Addr::LOCALHOST]),
     ("a.unlisted.test", &[Ipv4Addr::LOCALHOST]),
     ("metadata.allowed.test", &[Ipv4Addr::new(169, 254, 169, 254)]),
+    // Transparent interception (tests/interception.rs): a real-looking
+    // destination, and a name that resolves elsewhere.
+    ("intercept.allowed.test", &[Ipv4Addr::new(198, 18, 0, 10)]),
+    ("elsewhere.allowed.test", &[Ipv4Addr::new(198, 18, 0, 20)]),
     // The first address is denied by resolver.deny_cidrs; a trap listens there.
     ("twoaddr.allowed.test", &[Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::LOCALHOST]),
     // Nothing listens on 127.0.0.9.
@@ -194,7 +198,12 @@ pub struct Echo {
 
 impl Echo {
     pub async fn start(config: Arc<ServerConfig>) -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        Echo::start_at(config, "127.0.0.1:0".parse().expect("address")).await
+    }
+
+    /// An echo upstream on `addr`.
+    pub async fn start_at(config: Arc<ServerConfig>, addr: SocketAddr) -> Echo {
+        let listener = TcpListener::bind(addr).await.expect("bind echo");
         let port = listener.local_addr().expect("echo address").port();
         let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
