@@ -21,31 +21,34 @@ for tool in yamllint kubernetes-validate hadolint; do
 done
 
 echo "== yamllint"
-yamllint -c deploy/yamllint.yaml deploy/kubernetes deploy/istio deploy/prometheus config
+yamllint -c deploy/yamllint.yaml deploy/kubernetes deploy/istio deploy/ambient deploy/prometheus config
 
 echo "== Kubernetes schemas"
 core=""
-for f in deploy/kubernetes/*.yaml; do
+for f in deploy/kubernetes/*.yaml deploy/ambient/*.yaml; do
     case "$(basename "$f")" in
-        kustomization.yaml|podmonitor.yaml) ;;
+        kustomization.yaml|podmonitor.yaml|gateway.yaml|serviceentry.yaml) ;;
         *) core="$core $f" ;;
     esac
 done
 # shellcheck disable=SC2086
 kubernetes-validate --strict --quiet $core
 
-echo "== Istio and prometheus-operator CRD schemas"
+echo "== Istio, Gateway API and prometheus-operator CRD schemas"
 (cd deploy/validate && npm ci --silent --no-audit --no-fund)
-node deploy/validate/crds.mjs deploy/istio/*.yaml deploy/kubernetes/podmonitor.yaml
+node deploy/validate/crds.mjs deploy/istio/*.yaml deploy/kubernetes/podmonitor.yaml \
+    deploy/ambient/gateway.yaml deploy/ambient/serviceentry.yaml
 
 echo "== kustomization lists every manifest"
-for f in deploy/kubernetes/*.yaml; do
-    name=$(basename "$f")
-    [ "$name" = kustomization.yaml ] && continue
-    grep -q "^  - $name\$" deploy/kubernetes/kustomization.yaml || { echo "$name is not in kustomization.yaml"; exit 1; }
-done
-for name in $(sed -n 's/^  - \([a-z-]*\.yaml\)$/\1/p' deploy/kubernetes/kustomization.yaml); do
-    [ -f "deploy/kubernetes/$name" ] || { echo "kustomization.yaml lists missing $name"; exit 1; }
+for dir in deploy/kubernetes deploy/ambient; do
+    for f in "$dir"/*.yaml; do
+        name=$(basename "$f")
+        [ "$name" = kustomization.yaml ] && continue
+        grep -q "^  - $name\$" "$dir/kustomization.yaml" || { echo "$name is not in $dir/kustomization.yaml"; exit 1; }
+    done
+    for name in $(sed -n 's/^  - \([a-z-]*\.yaml\)$/\1/p' "$dir/kustomization.yaml"); do
+        [ -f "$dir/$name" ] || { echo "$dir/kustomization.yaml lists missing $name"; exit 1; }
+    done
 done
 
 echo "== hadolint"

@@ -146,3 +146,67 @@ fn names_ports_identities_and_timings_line_up() {
     let needed = config.shutdown.grace_period + config.shutdown.drain_timeout;
     assert!(grace > needed.as_secs(), "terminationGracePeriodSeconds {grace} <= {needed:?}");
 }
+
+/// The documents of a multi-document YAML file.
+fn documents(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.split("\n---\n").map(|doc| serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{path}: {e}"))).collect()
+}
+
+#[test]
+fn the_ambient_waypoint_lines_up_with_what_ztunnel_sends() {
+    use snigress::config::{ProxyIdentity, VerifyDestination};
+    let cm = manifest("deploy/ambient/configmap.yaml");
+    let text = cm["data"]["snigress.yaml"].as_str().expect("snigress.yaml in the ConfigMap");
+    let config = Config::parse(text, "ambient/configmap.yaml", Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("snigress.yaml"), text).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snigress"))
+        .args(["check", "--config", &dir.path().join("snigress.yaml").display().to_string()])
+        .output()
+        .expect("run check");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // ztunnel connects from inside the pod to the bound port, with a v2
+    // header carrying the identity; the destination is a VIP.
+    let [listener] = config.listeners.as_slice() else { panic!("one listener") };
+    let proxy = listener.proxy_protocol.as_ref().expect("proxy_protocol");
+    let gateway = documents("deploy/ambient/gateway.yaml").pop().expect("the Gateway");
+    assert_eq!(gateway["kind"], "Gateway");
+    let binding = gateway["metadata"]["annotations"]["ambient.istio.io/waypoint-inbound-binding"].as_str();
+    assert_eq!(binding, Some(format!("PROXY/{}", listener.address.port()).as_str()));
+    assert!(listener.address.ip().is_loopback(), "only the pod's ztunnel may connect");
+    assert!(proxy.versions.v2 && proxy.identity == ProxyIdentity::IstioTlv);
+    assert!(proxy.trusted_sources.iter().any(|n| n.contains(&listener.address.ip())));
+    assert_eq!(listener.verify_destination, VerifyDestination::Off, "a VIP is no name's address");
+
+    // The HBONE port, the Service, the pods, their config and DNS.
+    let service = manifest("deploy/ambient/service.yaml");
+    let deployment = manifest("deploy/ambient/deployment.yaml");
+    let hbone = &gateway["spec"]["listeners"][0]["port"];
+    let ports = service["spec"]["ports"].as_array().expect("ports");
+    assert!(ports.iter().any(|p| p["port"] == *hbone), "the Service carries the Gateway's HBONE port");
+    let template = &deployment["spec"]["template"];
+    assert_eq!(service["spec"]["selector"]["app"], template["metadata"]["labels"]["app"]);
+    assert_eq!(template["metadata"]["annotations"]["ambient.istio.io/dns-capture"], "false");
+    assert_eq!(template["spec"]["volumes"][0]["configMap"]["name"], cm["metadata"]["name"]);
+    let namespace = manifest("deploy/ambient/namespace.yaml");
+    assert_eq!(namespace["metadata"]["labels"]["istio.io/dataplane-mode"], "ambient");
+
+    // The ServiceEntry uses this waypoint, and its hosts are the policy's.
+    let se = manifest("deploy/ambient/serviceentry.yaml");
+    assert_eq!(se["metadata"]["labels"]["istio.io/use-waypoint"], gateway["metadata"]["name"]);
+    assert_eq!(se["spec"]["resolution"], "DYNAMIC_DNS");
+    let policy = Policy::compile(&config.policy);
+    let sleep = Principal::parse("spiffe://cluster.local/ns/default/sa/sleep").ok();
+    let other = Principal::parse("spiffe://cluster.local/ns/default/sa/other").ok();
+    let decide = |name: &str, who: &Option<Principal>| {
+        matches!(policy.decide(&ServerName::parse(name).expect("name"), who.as_ref()), Decision::Allowed(_))
+    };
+    for host in strings(&se["spec"]["hosts"]) {
+        let example = host.replace('*', "de");
+        assert!(decide(&example, &sleep), "{example} (from {host}) is allowed");
+    }
+    assert!(!decide("en.wikipedia.org", &sleep), "the English one is denied");
+    assert!(decide("upload.wikimedia.org", &sleep) && !decide("upload.wikimedia.org", &other), "per identity");
+}

@@ -1,4 +1,4 @@
-// Validates Istio and prometheus-operator resources against the CRD schemas
+// Validates Istio, Gateway API and prometheus-operator resources against the CRD schemas
 // compiled into the @kubernetes-models packages, offline.
 //
 // Usage: node crds.mjs FILE...
@@ -10,6 +10,7 @@ const packages = {
   "security.istio.io": "@kubernetes-models/istio/security.istio.io",
   "telemetry.istio.io": "@kubernetes-models/istio/telemetry.istio.io",
   "monitoring.coreos.com": "@kubernetes-models/prometheus-operator/monitoring.coreos.com",
+  "gateway.networking.k8s.io": "@kubernetes-models/gateway-api/gateway.networking.k8s.io",
 };
 
 let failed = false;
