@@ -27,6 +27,11 @@ IDLE_COUNTS=${IDLE_COUNTS:-"2000 9000"}
 # shared between them): the zero-copy relay's pipes under many streams.
 STREAM_COUNTS=${STREAM_COUNTS:-"1 64 200"}
 BASELINE=${BASELINE:-}
+# Only these targets (names, space-separated), e.g. ONLY="snigress snigress-proxyv2";
+# results then go to RESULTS and REPORT instead of bench/results.{tsv,md}.
+ONLY=${ONLY:-}
+RESULTS=${RESULTS:-bench/results.tsv}
+REPORT=${REPORT:-bench/results.md}
 
 need=""
 command -v haproxy >/dev/null || need="$need haproxy"
@@ -64,12 +69,18 @@ DNS=$(cat "$work/dns.port"); UP=$(cat "$work/up.port")
 
 SN_MTLS=$(free_port); SN_PT=$(free_port); HA_MTLS=$(free_port); HA_PT=$(free_port)
 NG_MTLS=$(free_port); NG_PT=$(free_port); SP_PT=$(free_port)
-SB_MTLS=$(free_port); SB_PT=$(free_port)
+SB_MTLS=$(free_port); SB_PT=$(free_port); SN_PP=$(free_port)
 
 cat > "$work/snigress.yaml" <<YAML
 listeners:
   - {name: mtls, address: "127.0.0.1:$SN_MTLS", mode: mtls, upstream_port: $UP}
   - {name: pt, address: "127.0.0.1:$SN_PT", mode: passthrough, upstream_port: $UP}
+  # As an Istio ambient waypoint: a PROXY v2 header with the caller's identity first.
+  - name: pt-proxy-v2
+    address: "127.0.0.1:$SN_PP"
+    mode: passthrough
+    upstream_port: $UP
+    proxy_protocol: {versions: [v2], trusted_sources: [127.0.0.0/8], identity: istio_tlv}
 mtls: {cert: pki/gateway.pem, key: pki/gateway.key, client_ca: pki/ca.pem}
 policy: {allow: ["*.allowed.test"]}
 resolver: {nameservers: ["127.0.0.1:$DNS"], allow_cidrs: [127.0.0.0/8]}
@@ -78,8 +89,9 @@ access_log: {path: /dev/null}
 YAML
 
 # The same config for the earlier build, on its own ports.
+# (Without the PROXY listener: an earlier build may not have it.)
 sed -e "s/127.0.0.1:$SN_MTLS/127.0.0.1:$SB_MTLS/" -e "s/127.0.0.1:$SN_PT/127.0.0.1:$SB_PT/" \
-    "$work/snigress.yaml" > "$work/snigress-before.yaml"
+    -e '/# As an Istio ambient/,/proxy_protocol:/d' "$work/snigress.yaml" > "$work/snigress-before.yaml"
 
 rules="  tcp-request inspect-delay 5s
   tcp-request content reject unless { req.ssl_hello_type 1 }
@@ -166,13 +178,17 @@ start_proxies() {
         pids+=("$SB_PID")
         wait_port "$SB_MTLS"; wait_port "$SB_PT"
     fi
-    for p in $SN_MTLS $SN_PT $HA_MTLS $HA_PT $NG_MTLS $NG_PT $SP_PT; do wait_port "$p"; done
-    # target name, address, proxy pid (empty: none), m for mTLS
-    targets_pt="direct:127.0.0.1:$UP:: snigress:127.0.0.1:$SN_PT:$SN_PID: haproxy:127.0.0.1:$HA_PT:$HA_PID: nginx:127.0.0.1:$NG_PT:$NG_PID: sniproxy:127.0.0.1:$SP_PT:$SP_PID:"
+    for p in $SN_MTLS $SN_PT $SN_PP $HA_MTLS $HA_PT $NG_MTLS $NG_PT $SP_PT; do wait_port "$p"; done
+    # target name, address, proxy pid (empty: none), m for mTLS, p for a PROXY v2 header first
+    targets_pt="direct:127.0.0.1:$UP:: snigress:127.0.0.1:$SN_PT:$SN_PID: snigress-proxyv2:127.0.0.1:$SN_PP:$SN_PID:p haproxy:127.0.0.1:$HA_PT:$HA_PID: nginx:127.0.0.1:$NG_PT:$NG_PID: sniproxy:127.0.0.1:$SP_PT:$SP_PID:"
     targets_mtls="snigress:127.0.0.1:$SN_MTLS:$SN_PID:m haproxy:127.0.0.1:$HA_MTLS:$HA_PID:m nginx:127.0.0.1:$NG_MTLS:$NG_PID:m"
     if [ -n "$BASELINE" ]; then
         targets_pt="$targets_pt snigress-before:127.0.0.1:$SB_PT:$SB_PID:"
         targets_mtls="$targets_mtls snigress-before:127.0.0.1:$SB_MTLS:$SB_PID:m"
+    fi
+    if [ -n "$ONLY" ]; then
+        keep() { local out=""; for t in $1; do case " $ONLY " in *" ${t%%:*} "*) out="$out $t" ;; esac; done; echo "$out"; }
+        targets_pt=$(keep "$targets_pt"); targets_mtls=$(keep "$targets_mtls")
     fi
 }
 stop_proxies() {
@@ -196,12 +212,13 @@ rss_kib() { local t=0; for p in $(tree "$1"); do t=$((t + $(awk '/VmRSS/ {print 
 
 # Raw measurements, kept beside the report (appended to with SKIP_LOAD=1,
 # so the idle counts can be measured separately).
-results=bench/results.tsv
+results=$RESULTS
 [ -n "${SKIP_LOAD:-}" ] || : > "$results"
 measure() { # scenario mode target addr pid mtlsflag -- loadgen args
     local scenario=$1 mode=$2 name=$3 addr=$4 pid=$5 flag=$6; shift 6
     local extra=()
     [ "$flag" = m ] && extra=(--mtls "$PKI")
+    [ "$flag" = p ] && extra=(--proxy-v2)
     local before after out
     before=$(ticks "$pid")
     out=$("$LG" "$@" "${extra[@]}") || out='{"failed":true}'
@@ -224,7 +241,7 @@ streams_one() { measure "streams-$STREAMS" "$1" "$2" "$3" "$4" "$5" bulk "$3" "$
 # Warm-up: one short pass over every target.
 for t in $targets_pt $targets_mtls; do
     IFS=: read -r name host port pid flag <<< "$t"
-    extra=(); [ "$flag" = m ] && extra=(--mtls "$PKI")
+    extra=(); [ "$flag" = m ] && extra=(--mtls "$PKI"); [ "$flag" = p ] && extra=(--proxy-v2)
     "$LG" rate "$host:$port" 1 4 "${extra[@]}" > /dev/null
 done
 
@@ -254,6 +271,7 @@ for count in $IDLE_COUNTS; do
         [ -z "$pid" ] && continue
         mode=passthrough; extra=()
         [ "$flag" = m ] && { mode=mtls; extra=(--mtls "$PKI"); }
+        [ "$flag" = p ] && extra=(--proxy-v2)
         before=$(rss_kib "$pid")
         fifo=$work/idle.fifo; rm -f "$fifo"; mkfifo "$fifo"
         "$LG" idle "$host:$port" "$count" "${extra[@]}" < "$fifo" > "$work/idle.out" & lg=$!
@@ -271,5 +289,5 @@ for count in $IDLE_COUNTS; do
   done
 done
 
-python3 bench/report.py "$results" "$(nproc)" "$RUNS" "$DURATION" "$CONCURRENCY" "$BULK_BYTES" "$LATENCY_RATE" > bench/results.md
-cat bench/results.md
+python3 bench/report.py "$results" "$(nproc)" "$RUNS" "$DURATION" "$CONCURRENCY" "$BULK_BYTES" "$LATENCY_RATE" > "$REPORT"
+cat "$REPORT"

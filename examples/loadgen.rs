@@ -9,6 +9,10 @@
 //!     loadgen latency ADDR SECONDS RATE [--mtls DIR]
 //!     loadgen idle ADDR COUNT [--mtls DIR]    holds COUNT connections until stdin closes
 //!
+//! `--proxy-v2` sends a PROXY protocol v2 header first, as Istio's ztunnel
+//! does to an ambient waypoint (addresses and the caller's SPIFFE ID in
+//! TLV 0xD0).
+//!
 //! Every client connection is what a mesh application does: (outer mTLS to
 //! the proxy when --mtls), then its own TLS to bench.allowed.test through it,
 //! an 8-byte request (the number of bytes wanted), the response, close.
@@ -41,6 +45,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).cloned().ok_or_else(|| format!("missing argument {i}; see the module doc"));
     let mtls = args.iter().position(|a| a == "--mtls").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let proxy_v2 = args.iter().any(|a| a == "--proxy-v2");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match arg(0)?.as_str() {
         "pki" => pki(Path::new(&arg(1)?)),
@@ -48,7 +53,11 @@ fn main() -> Result<()> {
         "upstream" => runtime.block_on(upstream(Path::new(&arg(1)?), Path::new(&arg(2)?))),
         mode => {
             let target: SocketAddr = arg(1)?.parse()?;
-            let client = Arc::new(Client::new(target, mtls.as_deref())?);
+            let mut client = Client::new(target, mtls.as_deref())?;
+            if proxy_v2 {
+                client.header = ztunnel_header();
+            }
+            let client = Arc::new(client);
             runtime.block_on(async {
                 match mode {
                     "rate" => rate(client, arg(2)?.parse()?, arg(3)?.parse()?).await,
@@ -164,6 +173,24 @@ struct Client {
     inner: TlsConnector,
     /// The outer mesh layer, when going through an mTLS listener.
     outer: Option<TlsConnector>,
+    /// Sent first on every connection (a PROXY header), or nothing.
+    header: Vec<u8>,
+}
+
+/// A PROXY v2 header as ztunnel writes it: the app's address, a VIP, and
+/// the caller's SPIFFE ID.
+fn ztunnel_header() -> Vec<u8> {
+    let mut payload = vec![10, 1, 2, 3, 240, 240, 0, 1];
+    payload.extend_from_slice(&40000u16.to_be_bytes());
+    payload.extend_from_slice(&443u16.to_be_bytes());
+    payload.push(snigress::arrive::proxy::TLV_ISTIO_PEER_IDENTITY);
+    payload.extend_from_slice(&(CALLER.len() as u16).to_be_bytes());
+    payload.extend_from_slice(CALLER.as_bytes());
+    let mut header = snigress::arrive::proxy::V2_SIGNATURE.to_vec();
+    header.extend_from_slice(&[0x21, 0x11]);
+    header.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    header.extend(payload);
+    header
 }
 
 impl Client {
@@ -196,13 +223,16 @@ impl Client {
                 Some(TlsConnector::from(Arc::new(config)))
             }
         };
-        Ok(Client { target, inner: TlsConnector::from(Arc::new(inner)), outer })
+        Ok(Client { target, inner: TlsConnector::from(Arc::new(inner)), outer, header: Vec::new() })
     }
 
     /// One full connection asking for `bytes`; returns the bytes received.
     async fn fetch(&self, bytes: u64) -> Result<u64> {
-        let tcp = TcpStream::connect(self.target).await?;
+        let mut tcp = TcpStream::connect(self.target).await?;
         tcp.set_nodelay(true)?;
+        if !self.header.is_empty() {
+            tcp.write_all(&self.header).await?;
+        }
         match &self.outer {
             None => self.inner_fetch(tcp, bytes).await,
             Some(outer) => {
@@ -234,7 +264,10 @@ impl Client {
 
     /// Connects and sends the first flight, then holds the connection.
     async fn hold(&self) -> Result<Box<dyn std::any::Any + Send>> {
-        let tcp = TcpStream::connect(self.target).await?;
+        let mut tcp = TcpStream::connect(self.target).await?;
+        if !self.header.is_empty() {
+            tcp.write_all(&self.header).await?;
+        }
         let hello = |server: &str| -> Result<Vec<u8>> {
             let config = Arc::new(
                 ClientConfig::builder_with_provider(provider())

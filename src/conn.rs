@@ -2,7 +2,8 @@
 //! access record every connection leaves, whatever path it takes.
 //!
 //! ```text
-//! arrival (outer mTLS on mtls listeners) -> front (the ClientHello's SNI)
+//! arrival (trusted proxy's PROXY header, intercepted connection's original
+//!   destination, outer mTLS on mtls listeners) -> front (the ClientHello's SNI)
 //!   -> Destination -> policy -> resolve + vet -> connect -> replay + relay
 //! ```
 //! Any stage may end the connection with a [`ConnError`]; there is one

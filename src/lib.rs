@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! sidecar --mTLS(outer)--> snigress --TCP--> real target
+//! (or: ztunnel --PROXY v2--> snigress; iptables REDIRECT/TPROXY --> snigress)
 //!            [ inner TLS: application <-> target, never decrypted here ]
 //!
 //! accept              gateway/accept.rs  connection limits, accept loop, drain
-//!  -> arrival         arrive/            how the bytes came: plain TCP | outer mTLS
+//!  -> arrival         arrive/            how the bytes came: plain TCP | PROXY header (proxy.rs)
+//!                                        | original destination (transparent.rs) | outer mTLS
 //!  -> front           front/tls.rs       how the destination is learned: the ClientHello's SNI
 //!  -> Destination     destination.rs     validated name (name.rs), port, caller (identity.rs)
 //!  -> policy          policy.rs          allow/deny patterns, per-identity rules

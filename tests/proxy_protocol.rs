@@ -282,3 +282,51 @@ async fn v1_local_and_ipv6_headers_and_no_per_source_limit_for_the_proxy() {
         stream.read_exact(&mut back).await.expect("echo");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_header_in_front_of_the_outer_mtls_layer_keeps_the_certificates_identity() {
+    // An L4 load balancer in front of an mtls listener: the header first,
+    // then the mesh's outer mTLS, whose client certificate is the caller.
+    let mut options = options();
+    options.listeners.push_str(
+        "  - name: mtls-behind-lb\n    address: 127.0.0.1:0\n    mode: mtls\n    upstream_port: {echo}\n    proxy_protocol:\n      trusted_sources: [127.0.0.0/8]\n",
+    );
+    let mut h = Harness::with(options).await;
+    let mut tcp = TcpStream::connect(h.addr("mtls-behind-lb")).await.expect("connect");
+    tcp.write_all(b"PROXY TCP4 192.0.2.7 198.51.100.9 51000 8443\r\n").await.expect("header");
+    let outer = within("outer", outer_over(tcp, &h.pki.roots(), Some(h.pki.client(SLEEP)), &[])).await.expect("outer");
+    let inner = within("inner", h.inner(outer, "a.team.test")).await.expect("inner");
+    let got = within("echo", exchange(inner, b"behind a balancer")).await.expect("echo");
+    assert_eq!(got, b"behind a balancersni=a.team.test\n");
+    let r = h.record().await;
+    assert_eq!((r.mode, r.arrival, r.decision), ("mtls", "proxy_v1", "allowed"));
+    assert_eq!(r.client_addr, "192.0.2.7:51000".parse().unwrap());
+    assert_eq!((r.principal.as_deref(), r.matched_rule.as_deref()), (Some(SLEEP), Some("default-team:*.team.test")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_destination_strict_checks_the_headers_destination_against_the_name() {
+    // Off (the ambient listeners above): a VIP no name resolves to is fine.
+    // Strict: the name must resolve to the header's destination address.
+    let mut options = options();
+    options.listeners.push_str(
+        "  - name: strict\n    address: 127.0.0.1:0\n    mode: passthrough\n    upstream_port: {echo}\n    verify_destination: strict\n    proxy_protocol:\n      trusted_sources: [127.0.0.0/8]\n",
+    );
+    let mut h = Harness::with(options).await;
+    async fn through(h: &Harness, header: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut tcp = TcpStream::connect(h.addr("strict")).await?;
+        tcp.write_all(header).await?;
+        exchange(h.inner(tcp, "a.allowed.test").await?, b"x").await
+    }
+    // a.allowed.test resolves to 127.0.0.1.
+    within("matching", through(&h, b"PROXY TCP4 10.0.0.1 127.0.0.1 5000 443\r\n")).await.expect("allowed");
+    let r = h.record().await;
+    assert_eq!((r.decision, r.upstream_addr.map(|a| a.ip())), ("allowed", Some([127, 0, 0, 1].into())));
+    let e = within("mismatch", through(&h, b"PROXY TCP4 10.0.0.1 192.0.2.1 5000 443\r\n")).await.expect_err("refused");
+    assert_eq!(alert_of(&e), Some(AlertDescription::AccessDenied));
+    let r = h.record().await;
+    assert_eq!((r.reason, r.upstream_addr), ("destination_mismatch", None), "{:?}", r.detail);
+    // No address in the header: nothing to verify against, refused too.
+    within("unknown", through(&h, b"PROXY UNKNOWN\r\n")).await.expect_err("refused");
+    assert_eq!(h.record().await.reason, "destination_mismatch");
+}

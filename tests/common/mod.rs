@@ -524,8 +524,18 @@ pub async fn outer_connect(
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     alpn: &[&str],
 ) -> io::Result<OuterStream> {
+    outer_over(TcpStream::connect(addr).await?, roots, identity, alpn).await
+}
+
+/// The outer mTLS layer over a connection already open (after a PROXY
+/// header, say).
+pub async fn outer_over(
+    tcp: TcpStream,
+    roots: &Arc<RootCertStore>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[&str],
+) -> io::Result<OuterStream> {
     let config = client_config(roots.clone(), identity, alpn);
-    let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from("localhost").expect("name");
     TlsConnector::from(Arc::new(config)).connect(name, tcp).await
 }
