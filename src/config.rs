@@ -221,6 +221,8 @@ pub struct MetricsSettings {
     /// `None`: no endpoint (metrics are still kept).
     pub address: Option<SocketAddr>,
     pub caps: Caps,
+    /// Also Istio's `istio_tcp_*` families.
+    pub istio_compatible: bool,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -223,17 +223,17 @@ impl Recorder {
             Some(key) => key,
             None => {
                 let sni = facts.sni.as_ref().map(|_| INVALID);
-                let key = metrics.key(sni, facts.principal.as_ref(), false);
+                let key = metrics.key(sni, facts.principal.as_ref(), false, self.listener.mode == Mode::Mtls);
                 self.transfer.attach(metrics.bytes(&key));
                 key
             }
         };
-        let (decision, reason, side, detail) = match &facts.refusal {
-            None => (Decision::Allowed, "allowed", None, None),
-            Some(e) => (e.decision(), e.reason(), Some(e.side().as_str()), Some(e.to_string())),
+        let (decision, reason, side, detail, flags) = match &facts.refusal {
+            None => (Decision::Allowed, "allowed", None, None, termination.response_flags()),
+            Some(e) => (e.decision(), e.reason(), Some(e.side().as_str()), Some(e.to_string()), e.response_flags()),
         };
         let elapsed = self.started.1.elapsed();
-        metrics.finished(&self.listener.name, &key, decision, reason, elapsed);
+        metrics.finished(&self.listener.name, &key, decision, reason, flags, elapsed);
         let principal = facts.principal.as_ref();
         let record = Record {
             start_time: rfc3339(self.started.0),
@@ -441,7 +441,8 @@ impl Pipeline<'_> {
     fn authorize(&self, destination: &Destination, ech: bool, facts: &mut Facts) -> Result<(), ConnError> {
         let Destination { name, identity, .. } = destination;
         let verdict = self.snapshot.policy.decide(name, identity.as_ref());
-        let key = self.metrics.key(Some(name.as_str()), identity.as_ref(), matches!(verdict, Verdict::Allowed(_)));
+        let allowed = matches!(verdict, Verdict::Allowed(_));
+        let key = self.metrics.key(Some(name.as_str()), identity.as_ref(), allowed, self.listener.mode == Mode::Mtls);
         self.transfer.attach(self.metrics.bytes(&key));
         facts.key = Some(key);
         match verdict {

@@ -314,6 +314,51 @@ impl ConnError {
     }
 }
 
+impl Termination {
+    /// Istio's `response_flags` (Envoy's names) for how a connection ended,
+    /// on the `istio_tcp_*` series: `-` when it ended normally.
+    pub fn response_flags(self) -> &'static str {
+        match self {
+            Termination::Relayed(Ended::ClientError) => "DC",
+            Termination::Relayed(Ended::UpstreamError) => "UC",
+            Termination::Relayed(Ended::IdleTimeout | Ended::HalfCloseTimeout) => "SI",
+            Termination::MaxLifetime => "DT",
+            _ => "-",
+        }
+    }
+}
+
+impl ConnError {
+    /// Istio's `response_flags` for a refusal (Envoy's names): `UAEX`
+    /// policy (names, addresses, ECH, untrusted proxies, loops), `NR` no
+    /// such name, `DF` DNS failed, `UF` upstream connect failed, `UO` the
+    /// gateway's limits, `DPE` the client spoke wrongly (not TLS, bad hello,
+    /// SNI, PROXY header, identity, outer handshake), `DC` the client timed
+    /// out or went away, `DT` a lifetime or drain cut, `-` a bug.
+    pub fn response_flags(&self) -> &'static str {
+        match self {
+            ConnError::Denied(_)
+            | ConnError::Ech
+            | ConnError::Resolve(ResolveError::AllRefused(_))
+            | ConnError::DestinationMismatch { .. }
+            | ConnError::Arrival(ArrivalError::UntrustedProxy(_) | ArrivalError::OriginalDestination(_)) => "UAEX",
+            ConnError::Resolve(ResolveError::NxDomain | ResolveError::NoAddresses) => "NR",
+            ConnError::Resolve(ResolveError::Timeout | ResolveError::Failed(_)) => "DF",
+            ConnError::Connect(_) => "UF",
+            ConnError::ConnectionLimit | ConnError::SourceLimit | ConnError::Evicted => "UO",
+            ConnError::NoSni
+            | ConnError::InvalidSni(_)
+            | ConnError::Hello(ReadError::Hello(_))
+            | ConnError::Arrival(ArrivalError::Header(HeaderReadError::Invalid(_)) | ArrivalError::Identity(_))
+            | ConnError::Handshake(HandshakeError::Failed(_) | HandshakeError::Identity(_)) => "DPE",
+            ConnError::Hello(_) | ConnError::Arrival(ArrivalError::Header(_)) | ConnError::FirstByteTimeout => "DC",
+            ConnError::Handshake(_) => "DC",
+            ConnError::MaxLifetime | ConnError::Shutdown => "DT",
+            ConnError::Internal(_) => "-",
+        }
+    }
+}
+
 /// The name of a TLS alert description, for the metrics label.
 pub fn alert_name(description: u8) -> &'static str {
     match description {

@@ -88,7 +88,7 @@ impl Gateway {
             .zip(sockets)
             .map(|(l, socket)| (Arc::new(ListenerInfo::new(l, own.clone())), socket))
             .collect();
-        let metrics = Arc::new(Metrics::new(config.metrics.caps));
+        let metrics = Arc::new(Metrics::with_istio(config.metrics.caps, config.metrics.istio_compatible));
         let pending = Arc::new(Pending::new(config.limits.max_pending_connections, metrics.clone()));
         if let Some(not_after) = snapshot.certificate_expiry() {
             metrics.certificate_expiry(not_after);

@@ -303,3 +303,60 @@ async fn probes_are_answered_under_a_thousand_idle_and_slow_clients() {
         holder.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_compatible_families_mirror_the_native_counters() {
+    // Off by default: no istio_ series at all.
+    let h = Harness::start().await;
+    allowed_via_passthrough(&h, "b.allowed.test", b"x").await;
+    let text = scrape(h.metrics_addr).await;
+    assert!(!text.contains("istio_"), "istio_ series without metrics.istio_compatible:\n{text}");
+    drop(h);
+
+    let mut h = Harness::with(Options { metrics: vec!["istio_compatible: true".into()], ..Options::default() }).await;
+    within("traffic", async {
+        allowed_via_mtls(&h, "a.allowed.test", &data(50_000, 3)).await;
+        allowed_via_passthrough(&h, "b.allowed.test", &data(7_000, 4)).await;
+        refused_via(&h, "mtls", "blocked.allowed.test").await; // policy
+        refused_via(&h, "passthrough", "nx.allowed.test").await; // NXDOMAIN
+        refused_via(&h, "passthrough", "closed.allowed.test").await; // connect fails
+    })
+    .await;
+    for _ in 0..5 {
+        h.record().await;
+    }
+    let text = scrape(h.metrics_addr).await;
+    let native = |name: &str, want: &[(&str, &str)]| sum(&text, name, want);
+    // Totals equal the native counters.
+    assert_eq!(native("istio_tcp_connections_closed_total", &[]), native("snigress_connections_total", &[]));
+    assert_eq!(native("istio_tcp_connections_opened_total", &[]), 5.0);
+    assert_eq!(native("istio_tcp_received_bytes_total", &[]), native("snigress_bytes_from_client_total", &[]));
+    assert_eq!(native("istio_tcp_sent_bytes_total", &[]), native("snigress_bytes_to_client_total", &[]));
+    // Istio's labels, as the destination of the mesh hop sees them.
+    let mesh = [
+        ("reporter", "destination"),
+        ("destination_service", "a.allowed.test"),
+        ("destination_service_name", "a.allowed.test"),
+        ("destination_service_namespace", "unknown"),
+        ("source_principal", SLEEP),
+        ("source_workload", "sleep"),
+        ("source_workload_namespace", "default"),
+        ("request_protocol", "tcp"),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(native("istio_tcp_connections_closed_total", &mesh), 1.0, "{text}");
+    let want = [("sni", "a.allowed.test"), ("source", "default/sleep")];
+    assert_eq!(native("istio_tcp_sent_bytes_total", &mesh), native("snigress_bytes_to_client_total", &want));
+    let plain = [
+        ("destination_service", "b.allowed.test"),
+        ("connection_security_policy", "none"),
+        ("source_workload", "unknown"),
+        ("source_principal", "unknown"),
+    ];
+    assert_eq!(native("istio_tcp_connections_closed_total", &plain), 1.0, "{text}");
+    for (sni, flags) in [("blocked.allowed.test", "UAEX"), ("nx.allowed.test", "NR"), ("closed.allowed.test", "UF")] {
+        let want = [("destination_service", sni), ("response_flags", flags)];
+        assert_eq!(native("istio_tcp_connections_closed_total", &want), 1.0, "{sni} {flags}\n{text}");
+    }
+}

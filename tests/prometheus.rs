@@ -173,7 +173,8 @@ async fn a_real_prometheus_scrapes_what_the_gateway_did() {
     if !have_prometheus() {
         return;
     }
-    let mut h = Harness::start().await;
+    // With Istio's families too, so promtool and Prometheus see them.
+    let mut h = Harness::with(Options { metrics: vec!["istio_compatible: true".into()], ..Options::default() }).await;
 
     // Traffic: allowed and refused names through both listener kinds.
     within("traffic", async {
@@ -242,6 +243,14 @@ async fn a_real_prometheus_scrapes_what_the_gateway_did() {
         prom.wait_for(r#"sum(snigress_connections_total{sni="blocked.allowed.test",source="default/sleep"})"#, 2.0);
         prom.wait_for(r#"sum(snigress_bytes_from_client_total{sni="a.allowed.test",source="default/sleep"})"#, a_from);
         prom.wait_for(r#"sum(snigress_bytes_to_client_total{sni="a.allowed.test",source="default/sleep"})"#, a_to);
+        // Istio's families, and a query of Istio's standard Grafana
+        // dashboards (Istio Service Dashboard, "TCP Received Bytes" with
+        // $qrep=destination and $service=a.allowed.test).
+        prom.wait_for(
+            r#"sum(istio_tcp_received_bytes_total{reporter="destination",destination_service="a.allowed.test"})"#,
+            a_from,
+        );
+        prom.wait_for(r#"sum(istio_tcp_connections_closed_total{destination_service_name="blocked.allowed.test",response_flags="UAEX"})"#, 2.0);
         // Two scrapes of the settled counters, so rate() has points.
         prom.wait_for(r#"count_over_time(snigress_connections_total{sni="a.allowed.test"}[1m]) >= bool 2"#, 1.0);
 
@@ -256,6 +265,10 @@ async fn a_real_prometheus_scrapes_what_the_gateway_did() {
             let v = prom.query(expr);
             assert_eq!(v["status"], "success", "dashboard expression {expr}: {v}");
         }
+        let istio = r#"sum(irate(istio_tcp_received_bytes_total{reporter=~"destination", destination_service=~"a.allowed.test"}[1m]))"#;
+        let v = prom.query(istio);
+        assert_eq!(v["status"], "success", "{istio}: {v}");
+        assert!(!v["data"]["result"].as_array().is_none_or(|r| r.is_empty()), "{istio} has no data: {v}");
         for expr in exprs.iter().filter(|e| e.contains("sum by (sni) (rate(snigress_connections_total[")) {
             let v = prom.query(expr);
             assert!(!v["data"]["result"].as_array().is_none_or(|r| r.is_empty()), "{expr} has no data: {v}");

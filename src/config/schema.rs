@@ -204,6 +204,7 @@ pub(super) struct RawMetrics {
     pub max_sni_values: Spanned<usize>,
     pub max_source_values: Spanned<usize>,
     pub max_sni_source_pairs: Spanned<usize>,
+    pub istio_compatible: bool,
 }
 
 impl Default for RawMetrics {
@@ -213,6 +214,7 @@ impl Default for RawMetrics {
             max_sni_values: unspanned(metric_defaults::MAX_SNI_VALUES),
             max_source_values: unspanned(metric_defaults::MAX_SOURCE_VALUES),
             max_sni_source_pairs: unspanned(metric_defaults::MAX_SNI_SOURCE_PAIRS),
+            istio_compatible: false,
         }
     }
 }

@@ -481,5 +481,6 @@ fn metrics(m: &RawMetrics, listeners: &[Listener], ctx: &Ctx<'_>) -> Result<Metr
             source_values: m.max_source_values.value,
             sni_source_pairs: m.max_sni_source_pairs.value,
         },
+        istio_compatible: m.istio_compatible,
     })
 }

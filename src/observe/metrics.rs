@@ -68,6 +68,9 @@ pub struct Metrics {
     sni_cap: LabelCap,
     source_cap: LabelCap,
     pairs: PairCap,
+    /// `istio_tcp_*` (metrics.istio_compatible), in a registry of their own
+    /// (no `snigress_` prefix).
+    istio: Option<Istio>,
     /// Held while sampling, so concurrent scrapes do not advance a counter twice.
     sampling: Mutex<()>,
 }
@@ -75,6 +78,45 @@ pub struct Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").field("sni_values", &self.sni_cap.len()).finish_non_exhaustive()
+    }
+}
+
+/// Istio's four standard TCP families, labelled as Istio's dashboards and
+/// Kiali query them.
+struct Istio {
+    registry: Registry,
+    opened: Family<IstioLabels, Counter>,
+    closed: Family<IstioLabels, Counter>,
+    received: Family<IstioLabels, Counter>,
+    sent: Family<IstioLabels, Counter>,
+}
+
+impl Istio {
+    fn new() -> Istio {
+        let mut registry = Registry::default();
+        let r = &mut registry;
+        Istio {
+            opened: register(
+                r,
+                "istio_tcp_connections_opened",
+                "TCP connections opened (Istio standard)",
+                Family::default(),
+            ),
+            closed: register(
+                r,
+                "istio_tcp_connections_closed",
+                "TCP connections closed (Istio standard)",
+                Family::default(),
+            ),
+            received: register(
+                r,
+                "istio_tcp_received_bytes",
+                "Bytes received from the client (Istio standard)",
+                Family::default(),
+            ),
+            sent: register(r, "istio_tcp_sent_bytes", "Bytes sent to the client (Istio standard)", Family::default()),
+            registry,
+        }
     }
 }
 
@@ -94,7 +136,13 @@ fn register<M: prometheus_client::registry::Metric + Clone>(
 }
 
 impl Metrics {
+    #[cfg(test)]
     pub(crate) fn new(caps: Caps) -> Metrics {
+        Metrics::with_istio(caps, false)
+    }
+
+    /// `istio`: also the `istio_tcp_*` families (metrics.istio_compatible).
+    pub(crate) fn with_istio(caps: Caps, istio: bool) -> Metrics {
         let mut registry = Registry::with_prefix("snigress");
         let r = &mut registry;
         let build_info = Family::<VersionLabels, Gauge>::default();
@@ -246,6 +294,7 @@ impl Metrics {
             sni_cap: LabelCap::new(caps.sni_values),
             source_cap: LabelCap::new(caps.source_values),
             pairs: PairCap { max: caps.sni_source_pairs, seen: Mutex::default() },
+            istio: istio.then(Istio::new),
             sampling: Mutex::default(),
             registry,
         };
@@ -256,7 +305,14 @@ impl Metrics {
     /// The labels for a connection: `sni` is the validated name, or
     /// [`NONE`] / [`INVALID`]; `allowed` says whether the policy let the
     /// name through (refused names get the smaller share of the cap).
-    pub(crate) fn key(&self, sni: Option<&str>, principal: Option<&Principal>, allowed: bool) -> ConnectionKey {
+    /// `mutual_tls`: the caller came over the outer mTLS layer.
+    pub(crate) fn key(
+        &self,
+        sni: Option<&str>,
+        principal: Option<&Principal>,
+        allowed: bool,
+        mutual_tls: bool,
+    ) -> ConnectionKey {
         let sni = match sni {
             None => NONE.into(),
             Some(INVALID) => INVALID.into(),
@@ -269,16 +325,28 @@ impl Metrics {
         };
         // A series is a pair: past the pair cap a new pair keeps its name
         // (the per-destination view) and loses its caller.
-        let source = if self.pairs.admit(&sni, &source) { source } else { self.source_cap.overflow.clone() };
-        ConnectionKey { sni, source }
+        let admitted = self.pairs.admit(&sni, &source);
+        let named = admitted && principal.is_some() && source != self.source_cap.overflow;
+        let principal = principal.filter(|_| named).map(|p| Arc::from(p.uri()));
+        let source = if admitted { source } else { self.source_cap.overflow.clone() };
+        ConnectionKey { sni, source, principal, mutual_tls }
     }
 
-    /// Byte counters for a connection, to advance as bytes move.
+    /// Byte counters for a connection, to advance as bytes move. Called
+    /// once per connection: with the Istio families on, the connection is
+    /// counted as opened here (its bytes and opening carry
+    /// `response_flags="-"`: the outcome is not known yet).
     pub(crate) fn bytes(&self, key: &ConnectionKey) -> Box<ByteCounters> {
         let labels = FlowLabels { sni: key.sni.clone(), source: key.source.clone() };
+        let istio = self.istio.as_ref().map(|istio| {
+            let labels = IstioLabels::of(key, "-");
+            istio.opened.get_or_create(&labels).inc();
+            (istio.received.get_or_create_owned(&labels), istio.sent.get_or_create_owned(&labels))
+        });
         Box::new(ByteCounters {
             from_client: self.bytes_from_client.get_or_create_owned(&labels),
             to_client: self.bytes_to_client.get_or_create_owned(&labels),
+            istio,
         })
     }
 
@@ -296,8 +364,12 @@ impl Metrics {
         key: &ConnectionKey,
         decision: Decision,
         reason: &'static str,
+        response_flags: &'static str,
         lifetime: Duration,
     ) {
+        if let Some(istio) = &self.istio {
+            istio.closed.get_or_create(&IstioLabels::of(key, response_flags)).inc();
+        }
         let decision = decision.as_str();
         let labels = ConnectionLabels {
             listener: listener.clone(),
@@ -372,7 +444,12 @@ impl Metrics {
         self.sample(access_log_dropped);
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let _ = encode_registry(&mut out, &self.registry);
+        if let Some(istio) = &self.istio {
+            let _ = encode_registry(&mut out, &istio.registry);
+        }
+        let _ = encode_eof(&mut out);
         out
     }
 
@@ -466,11 +543,11 @@ mod tests {
     fn label_derivation() {
         let m = Metrics::new(Caps { sni_values: 10, source_values: 10, sni_source_pairs: 100 });
         let p = Principal::parse("spiffe://cluster.local/ns/shop/sa/cart").unwrap();
-        let k = m.key(Some("api.example.com"), Some(&p), true);
+        let k = m.key(Some("api.example.com"), Some(&p), true, true);
         assert_eq!((&*k.sni, &*k.source), ("api.example.com", "shop/cart"));
-        let k = m.key(None, None, false);
+        let k = m.key(None, None, false, false);
         assert_eq!((&*k.sni, &*k.source), (NONE, NONE));
-        let k = m.key(Some(INVALID), None, false);
+        let k = m.key(Some(INVALID), None, false, false);
         assert_eq!(&*k.sni, INVALID);
         let odd = Principal::parse("spiffe://example.org/workload/x").unwrap();
         assert_eq!(source_of(Some(&odd)), "example.org/workload/x");
@@ -480,9 +557,9 @@ mod tests {
     #[test]
     fn text_format_names_counters_by_their_samples() {
         let m = Metrics::new(Caps { sni_values: 10, source_values: 10, sni_source_pairs: 100 });
-        let key = m.key(Some("a.example"), None, true);
+        let key = m.key(Some("a.example"), None, true, false);
         m.bytes(&key).add_from_client(5);
-        m.finished(&"l".into(), &key, Decision::Allowed, "allowed", Duration::from_millis(3));
+        m.finished(&"l".into(), &key, Decision::Allowed, "allowed", "-", Duration::from_millis(3));
         let text = m.prometheus_text(0);
         assert!(text.contains("# TYPE snigress_connections_total counter\n"), "{text}");
         assert!(text.contains("# HELP snigress_connections_total Connections ended"), "{text}");
@@ -501,7 +578,7 @@ mod tests {
     #[test]
     fn every_family_holds_a_bounded_number_of_series() {
         let caps = Caps { sni_values: 40, source_values: 30, sni_source_pairs: 200 };
-        let m = Metrics::new(caps);
+        let m = Metrics::with_istio(caps, true);
         let listener: Arc<str> = "l".into();
         // 60 callers each reaching 60 names, allowed and refused: 3 600
         // pairs, far past every cap.
@@ -509,21 +586,28 @@ mod tests {
             let p = Principal::parse(&format!("spiffe://cluster.local/ns/ns{caller}/sa/app")).unwrap();
             for name in 0..60 {
                 let allowed = name % 2 == 0;
-                let key = m.key(Some(&format!("host{name}.example")), Some(&p), allowed);
+                let key = m.key(Some(&format!("host{name}.example")), Some(&p), allowed, true);
                 m.bytes(&key).add_from_client(1);
                 let (decision, reason) =
                     if allowed { (Decision::Allowed, "allowed") } else { (Decision::Denied, "policy_denied") };
-                m.finished(&listener, &key, decision, reason, Duration::from_millis(1));
+                m.finished(&listener, &key, decision, reason, "-", Duration::from_millis(1));
             }
         }
         let text = m.prometheus_text(0);
         // Pairs within the cap, plus at most one overflow pair per name
         // value (the capped names, and __overflow__ itself).
         let bound = caps.sni_source_pairs + caps.sni_values + 1;
-        for family in ["snigress_bytes_from_client_total", "snigress_bytes_to_client_total"] {
+        for family in [
+            "snigress_bytes_from_client_total",
+            "snigress_bytes_to_client_total",
+            "istio_tcp_received_bytes_total",
+            "istio_tcp_sent_bytes_total",
+            "istio_tcp_connections_opened_total",
+        ] {
             let n = series(&text, family);
             assert!(n <= bound, "{family}: {n} series > {bound}");
         }
+        assert!(series(&text, "istio_tcp_connections_closed_total") <= 2 * bound);
         // And each pair once per (decision, reason) it met: two kinds here
         // (names past the cap share __overflow__, allowed and refused).
         let n = series(&text, "snigress_connections_total");

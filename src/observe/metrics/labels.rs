@@ -197,20 +197,29 @@ pub(super) fn hello_buckets() -> Histogram {
     Histogram::new([256.0, 512.0, 1024.0, 1536.0, 2048.0, 4096.0, 8192.0, 16384.0, 65536.0])
 }
 
-/// Byte counters of one connection's `sni` and `source`.
+/// Byte counters of one connection's `sni` and `source` (and their
+/// `istio_tcp_*` twins when those are on).
 #[derive(Debug, Clone)]
 pub struct ByteCounters {
     pub(super) from_client: Counter,
     pub(super) to_client: Counter,
+    /// Istio's received (from the client) and sent (to it).
+    pub(super) istio: Option<(Counter, Counter)>,
 }
 
 impl Meter for ByteCounters {
     fn add_from_client(&self, n: u64) {
         self.from_client.inc_by(n);
+        if let Some((received, _)) = &self.istio {
+            received.inc_by(n);
+        }
     }
 
     fn add_to_client(&self, n: u64) {
         self.to_client.inc_by(n);
+        if let Some((_, sent)) = &self.istio {
+            sent.inc_by(n);
+        }
     }
 }
 
@@ -219,6 +228,58 @@ impl Meter for ByteCounters {
 pub struct ConnectionKey {
     pub(super) sni: Arc<str>,
     pub(super) source: Arc<str>,
+    /// The caller's SPIFFE ID when `source` names it (not capped away).
+    pub(super) principal: Option<Arc<str>>,
+    /// The caller came over the mesh's mutual TLS.
+    pub(super) mutual_tls: bool,
+}
+
+/// Istio's standard labels on the `istio_tcp_*` families, as the gateway
+/// sees a connection (`reporter="destination"`: it is the destination of
+/// the mesh hop).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct IstioLabels {
+    pub(super) reporter: &'static str,
+    pub(super) source_principal: Arc<str>,
+    pub(super) source_workload: Arc<str>,
+    pub(super) source_workload_namespace: Arc<str>,
+    pub(super) destination_service: Arc<str>,
+    pub(super) destination_service_name: Arc<str>,
+    pub(super) destination_service_namespace: &'static str,
+    pub(super) destination_workload: &'static str,
+    pub(super) destination_workload_namespace: &'static str,
+    pub(super) request_protocol: &'static str,
+    pub(super) connection_security_policy: &'static str,
+    pub(super) response_flags: &'static str,
+}
+
+/// Istio's value for what is not known.
+pub(super) const UNKNOWN: &str = "unknown";
+
+impl IstioLabels {
+    pub(super) fn of(key: &ConnectionKey, response_flags: &'static str) -> IstioLabels {
+        let unknown = || Arc::<str>::from(UNKNOWN);
+        // `source` is `ns/sa` for Istio identities, else capped or absent.
+        let (namespace, workload) = match (key.principal.as_ref(), key.source.split_once('/')) {
+            (Some(_), Some((ns, sa))) if !sa.contains('/') => (Arc::from(ns), Arc::from(sa)),
+            (Some(_), _) => (unknown(), key.source.clone()),
+            (None, _) => (unknown(), unknown()),
+        };
+        IstioLabels {
+            reporter: "destination",
+            source_principal: key.principal.clone().unwrap_or_else(unknown),
+            source_workload: workload,
+            source_workload_namespace: namespace,
+            destination_service: key.sni.clone(),
+            destination_service_name: key.sni.clone(),
+            destination_service_namespace: UNKNOWN,
+            destination_workload: "snigress",
+            destination_workload_namespace: UNKNOWN,
+            request_protocol: "tcp",
+            connection_security_policy: if key.mutual_tls { "mutual_tls" } else { "none" },
+            response_flags,
+        }
+    }
 }
 
 /// The result of one DNS lookup, as counted.
