@@ -77,7 +77,9 @@ impl Gateway {
         }
         let admin = match config.metrics.address {
             None => None,
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|error| StartError::BindMetrics { addr, error })?),
+            Some(addr) => {
+                Some(crate::net::listen(addr, false).map_err(|error| StartError::BindMetrics { addr, error })?)
+            }
         };
         // What no intercepted connection may have meant: the gateway itself.
         let own: Arc<[SocketAddr]> =

@@ -55,8 +55,12 @@ pub fn check_mark(mark: u32) -> io::Result<()> {
     socket.set_mark(mark)
 }
 
-/// Listen backlog: tokio's and std's default.
-const LISTEN_BACKLOG: i32 = 1024;
+/// Listen backlog: above the default 1024 of tokio and std so that a burst of
+/// connections (a flood of idle clients reconnecting as they are evicted)
+/// cannot fill the accept queue and make the kernel drop a probe's SYN, which
+/// would cost it a 1 s retransmission. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// Errors that concern one pending connection only (it was reset or
 /// aborted before we took it): the next accept is for another one, so
