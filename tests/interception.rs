@@ -23,6 +23,8 @@ use tokio::net::TcpStream;
 
 /// Set in the child's environment: `redirect` or `tproxy`.
 const CHILD: &str = "SNIGRESS_INTERCEPTION_CHILD";
+/// And the listener's `verify_destination`: `strict` or `off`.
+const VERIFY: &str = "SNIGRESS_INTERCEPTION_VERIFY";
 /// The interception listener's upstream mark (Istio's UID, by habit).
 const MARK: &str = "1337";
 
@@ -44,7 +46,7 @@ impl Drop for Netns {
     }
 }
 
-fn in_namespace(mode: &str) {
+fn in_namespace(mode: &str, verify: &str) {
     if !is_root() {
         println!("skipped: needs root, to create a network namespace and set iptables rules in it");
         return;
@@ -59,7 +61,7 @@ fn in_namespace(mode: &str) {
             return;
         }
     }
-    let ns = Netns(format!("snigress-{mode}-{}", std::process::id()));
+    let ns = Netns(format!("snigress-{mode}-{verify}-{}", std::process::id()));
     run(&["ip", "netns", "add", &ns.0]).expect("create the namespace");
     for cmd in [["ip", "link", "set", "lo", "up"].as_slice(), &["ip", "addr", "add", "198.18.0.10/32", "dev", "lo"]] {
         let mut all = vec!["ip", "netns", "exec", &ns.0];
@@ -71,6 +73,7 @@ fn in_namespace(mode: &str) {
         .args(["netns", "exec", &ns.0, &exe, "--exact", "interception_child", "--ignored", "--nocapture"])
         .args(["--test-threads", "1"])
         .env(CHILD, mode)
+        .env(VERIFY, verify)
         .output()
         .expect("run the child");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -84,12 +87,19 @@ fn in_namespace(mode: &str) {
 
 #[test]
 fn iptables_redirect_sends_connections_to_the_gateway_which_dials_their_original_destination() {
-    in_namespace("redirect");
+    in_namespace("redirect", "strict");
 }
 
 #[test]
 fn iptables_tproxy_sends_connections_to_the_gateway_which_dials_their_original_destination() {
-    in_namespace("tproxy");
+    in_namespace("tproxy", "strict");
+}
+
+/// `verify_destination: off`: the name decides, so a name that resolves
+/// elsewhere is dialled where it resolves (here: nowhere reachable).
+#[test]
+fn with_verify_destination_off_the_name_decides_where_to_dial() {
+    in_namespace("redirect", "off");
 }
 
 /// The next access record from the gateway's stdout.
@@ -101,6 +111,7 @@ fn record(gateway: &Running) -> serde_json::Value {
 #[ignore = "run inside a network namespace by the iptables_* tests"]
 async fn interception_child() {
     let Ok(mode) = std::env::var(CHILD) else { return };
+    let verify = std::env::var(VERIFY).unwrap_or_else(|_| "strict".into());
     let internet = Internet::new();
     let original: SocketAddr = "198.18.0.10:443".parse().unwrap();
     let other_port: SocketAddr = "198.18.0.10:8443".parse().unwrap();
@@ -124,6 +135,7 @@ async fn interception_child() {
     mode: passthrough
     upstream_port: 9
     original_destination: {mode}
+    verify_destination: {verify}
     upstream_mark: {MARK}
 policy:
   allow: [\"*.allowed.test\"]
@@ -173,16 +185,24 @@ resolver:
         println!("{mode}: {target} allowed, upstream {}", r["upstream_addr"]);
     }
 
-    // A name that resolves elsewhere (SNI spoofing): refused before dialling.
+    // A name that resolves elsewhere (SNI spoofing): with strict, refused
+    // before dialling; with off, dialled where the name resolves.
     let tcp = TcpStream::connect(original).await.expect("connect");
     let e = within("spoofed", inner_connect(tcp, "elsewhere.allowed.test", internet.roots.clone()))
         .await
         .map(|_| ())
         .expect_err("refused");
-    assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
     let r = record(&gateway);
-    assert_eq!((r["reason"].as_str(), r["side"].as_str()), (Some("destination_mismatch"), Some("policy")), "{r}");
-    assert!(r["upstream_addr"].is_null(), "nothing dialled: {r}");
+    if verify == "strict" {
+        assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+        assert_eq!((r["reason"].as_str(), r["side"].as_str()), (Some("destination_mismatch"), Some("policy")), "{r}");
+        assert!(r["upstream_addr"].is_null(), "nothing dialled: {r}");
+    } else {
+        // 198.18.0.20 has no route in the namespace.
+        assert_eq!(r["reason"], "connect_failed", "{r}");
+        assert_eq!(r["upstream_addr"], "198.18.0.20:443", "{r}");
+        println!("{mode}, verify off: elsewhere.allowed.test dialled at {}", r["upstream_addr"]);
+    }
 
     // A name the policy does not allow: the policy still decides.
     let tcp = TcpStream::connect(original).await.expect("connect");
@@ -213,6 +233,6 @@ resolver:
     gateway.signal("TERM");
     let extra: Vec<String> = gateway.stdout.iter().collect();
     assert!(extra.is_empty(), "records of connections no client made: {extra:?}");
-    println!("{mode}: {marked} packets of the gateway's own passed the mark rule; no loop");
+    println!("{mode} ({verify}): {marked} packets of the gateway's own passed the mark rule; no loop");
     println!("INTERCEPTION OK");
 }
