@@ -54,7 +54,9 @@ impl ArrivalError {
             ArrivalError::Header(ReadError::Io(_)) => "client_error",
             ArrivalError::Identity(_) => "proxy_identity_invalid",
             ArrivalError::OriginalDestination(transparent::OriginalDstError::Unknown(_)) => "no_original_destination",
-            ArrivalError::OriginalDestination(transparent::OriginalDstError::Loop(_)) => "destination_loop",
+            ArrivalError::OriginalDestination(
+                transparent::OriginalDstError::Loop(_) | transparent::OriginalDstError::CameBack(_),
+            ) => "destination_loop",
         }
     }
 }

@@ -55,10 +55,17 @@ pub struct ListenerInfo {
     /// Every address the gateway listens on (no intercepted connection
     /// may have meant one).
     pub own: Arc<[SocketAddr]>,
+    /// The gateway's open upstream connections' local addresses, kept when
+    /// any listener intercepts (a connection from one came back around).
+    pub upstream_ends: Option<Arc<crate::net::LocalEnds>>,
 }
 
 impl ListenerInfo {
-    pub fn new(l: &Listener, own: Arc<[SocketAddr]>) -> ListenerInfo {
+    pub fn new(
+        l: &Listener,
+        own: Arc<[SocketAddr]>,
+        upstream_ends: Option<Arc<crate::net::LocalEnds>>,
+    ) -> ListenerInfo {
         ListenerInfo {
             name: l.name.as_str().into(),
             mode: l.mode,
@@ -68,6 +75,7 @@ impl ListenerInfo {
             verify_destination: l.verify_destination,
             upstream_mark: l.upstream_mark,
             own,
+            upstream_ends,
         }
     }
 
@@ -326,6 +334,14 @@ impl Pipeline<'_> {
         if tokio::time::timeout(timeouts.first_byte.min(stage), tcp.peek(&mut [0u8; 1])).await.is_err() {
             return Err(ConnError::FirstByteTimeout);
         }
+        // A connection from one of the gateway's own upstream connections
+        // came back around. (Checked after the first byte: the upstream end
+        // is registered before the gateway writes to it.)
+        if listener.original_destination.is_some()
+            && listener.upstream_ends.as_ref().is_some_and(|ends| ends.contains(self.peer))
+        {
+            return Err(ArrivalError::from(crate::arrive::transparent::OriginalDstError::CameBack(self.peer)).into());
+        }
         if let Some(settings) = &listener.proxy_protocol {
             let header =
                 proxy::read(tcp, settings.versions, timeouts.client_hello).await.map_err(ArrivalError::from)?;
@@ -381,6 +397,9 @@ impl Pipeline<'_> {
         match Box::pin(self.setup(&mut client, facts)).await {
             Ok((mut upstream, replay)) => {
                 facts.relaying = true;
+                // Registered before the first byte is written upstream.
+                let _end =
+                    self.listener.upstream_ends.as_ref().and_then(|ends| Some(ends.hold(upstream.local_addr().ok()?)));
                 let timeouts = &self.snapshot.timeouts;
                 let idle = IdleTimeouts { open: timeouts.idle, half_closed: timeouts.half_close };
                 let ended = match client.plain_tcp() {
@@ -576,7 +595,7 @@ mod tests {
             verify_destination: VerifyDestination::Off,
             upstream_mark: None,
         };
-        Arc::new(ListenerInfo::new(&l, Arc::new([])))
+        Arc::new(ListenerInfo::new(&l, Arc::new([]), None))
     }
 
     #[tokio::test]

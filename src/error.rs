@@ -183,7 +183,8 @@ impl ConnError {
             ConnError::SourceLimit | ConnError::FirstByteTimeout => Side::Client,
             ConnError::Evicted => Side::Internal,
             ConnError::Arrival(
-                ArrivalError::UntrustedProxy(_) | ArrivalError::OriginalDestination(OriginalDstError::Loop(_)),
+                ArrivalError::UntrustedProxy(_)
+                | ArrivalError::OriginalDestination(OriginalDstError::Loop(_) | OriginalDstError::CameBack(_)),
             ) => Side::Policy,
             ConnError::Arrival(_) => Side::Client,
             ConnError::Denied(_)
@@ -298,7 +299,9 @@ impl ConnError {
             // destination_ip_prohibited
             ConnError::DestinationMismatch { .. } | ConnError::Arrival(ArrivalError::UntrustedProxy(_)) => 403,
             // 508 Loop Detected (RFC 5842)
-            ConnError::Arrival(ArrivalError::OriginalDestination(OriginalDstError::Loop(_))) => 508,
+            ConnError::Arrival(ArrivalError::OriginalDestination(
+                OriginalDstError::Loop(_) | OriginalDstError::CameBack(_),
+            )) => 508,
             ConnError::Arrival(ArrivalError::Header(HeaderReadError::Timeout(_) | HeaderReadError::Closed)) => 408,
             ConnError::Arrival(_) => 400,
             // connection_timeout / connection_refused

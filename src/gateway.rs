@@ -81,6 +81,12 @@ impl Gateway {
                 Some(crate::net::listen(addr, false).map_err(|error| StartError::BindMetrics { addr, error })?)
             }
         };
+        // Kept only where a loop through interception rules is possible.
+        let upstream_ends = config
+            .listeners
+            .iter()
+            .any(|l| l.original_destination.is_some())
+            .then(|| Arc::new(crate::net::LocalEnds::default()));
         // What no intercepted connection may have meant: the gateway itself.
         let own: Arc<[SocketAddr]> =
             sockets.iter().chain(admin.as_ref()).filter_map(|s| s.local_addr().ok()).collect::<Vec<_>>().into();
@@ -88,7 +94,7 @@ impl Gateway {
             .listeners
             .iter()
             .zip(sockets)
-            .map(|(l, socket)| (Arc::new(ListenerInfo::new(l, own.clone())), socket))
+            .map(|(l, socket)| (Arc::new(ListenerInfo::new(l, own.clone(), upstream_ends.clone())), socket))
             .collect();
         let metrics = Arc::new(Metrics::with_istio(config.metrics.caps, config.metrics.istio_compatible));
         let pending = Arc::new(Pending::new(config.limits.max_pending_connections, metrics.clone()));

@@ -26,6 +26,47 @@ pub fn tune(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
+/// The local addresses of the gateway's own upstream connections while they
+/// are open. A connection arriving *from* one of them came back around:
+/// interception rules that capture the gateway's own traffic would
+/// otherwise loop it through the gateway until descriptors run out.
+#[derive(Debug, Default)]
+pub struct LocalEnds(std::sync::Mutex<std::collections::HashSet<SocketAddr>>);
+
+/// One upstream connection's place in [`LocalEnds`], removed on drop.
+#[derive(Debug)]
+pub struct LocalEnd {
+    ends: std::sync::Arc<LocalEnds>,
+    addr: SocketAddr,
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+impl LocalEnds {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SocketAddr>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Holds `addr` (an upstream socket's local address) until the guard drops.
+    pub fn hold(self: &std::sync::Arc<Self>, addr: SocketAddr) -> LocalEnd {
+        let addr = canonical(addr);
+        self.set().insert(addr);
+        LocalEnd { ends: self.clone(), addr }
+    }
+
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.set().contains(&canonical(addr))
+    }
+}
+
+impl Drop for LocalEnd {
+    fn drop(&mut self) {
+        self.ends.set().remove(&self.addr);
+    }
+}
+
 /// A listening socket on `addr`; `transparent` makes it `IP_TRANSPARENT`
 /// (TPROXY), which needs CAP_NET_ADMIN and says so when refused.
 pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {

@@ -95,6 +95,14 @@ fn iptables_tproxy_sends_connections_to_the_gateway_which_dials_their_original_d
     in_namespace("tproxy", "strict");
 }
 
+/// Rules that forget the gateway's own traffic (they exempt another UID,
+/// not its mark): its upstream connection is captured again and comes back
+/// to it, which it refuses (`destination_loop`) instead of looping.
+#[test]
+fn rules_that_capture_the_gateways_own_traffic_cause_one_refusal_not_a_loop() {
+    in_namespace("redirect", "loop");
+}
+
 /// `verify_destination: off`: the name decides, so a name that resolves
 /// elsewhere is dialled where it resolves (here: nowhere reachable).
 #[test]
@@ -112,6 +120,9 @@ fn record(gateway: &Running) -> serde_json::Value {
 async fn interception_child() {
     let Ok(mode) = std::env::var(CHILD) else { return };
     let verify = std::env::var(VERIFY).unwrap_or_else(|_| "strict".into());
+    // "loop": strict, with rules that do not exempt the gateway's mark.
+    let looping = verify == "loop";
+    let verify = if looping { "strict".to_owned() } else { verify };
     let internet = Internet::new();
     let original: SocketAddr = "198.18.0.10:443".parse().unwrap();
     let other_port: SocketAddr = "198.18.0.10:8443".parse().unwrap();
@@ -151,8 +162,10 @@ resolver:
     let listening: SocketAddr =
         json(&gateway.diag("\"listening\""))["fields"]["address"].as_str().expect("address").parse().expect("addr");
     let port = listening.port().to_string();
+    let exemption = if looping { ["--uid", "4242"] } else { ["--mark", MARK] };
     let applied = Command::new(env!("CARGO_BIN_EXE_snigress"))
-        .args(["iptables", "--mode", &mode, "--port", &port, "--mark", MARK, "--ports", "443,8443"])
+        .args(["iptables", "--mode", &mode, "--port", &port, "--ports", "443,8443"])
+        .args(exemption)
         .output()
         .expect("snigress iptables");
     let stderr = String::from_utf8_lossy(&applied.stderr);
@@ -165,6 +178,31 @@ resolver:
         return;
     }
     assert!(applied.status.success(), "snigress iptables: {stderr}");
+
+    if looping {
+        let tcp = TcpStream::connect(original).await.expect("connect");
+        let e = within("looped", inner_connect(tcp, "intercept.allowed.test", internet.roots.clone())).await;
+        assert!(e.is_err(), "the client cannot get through a loop");
+        // The connection that came back around, and the client's own (in
+        // either order: both end at once).
+        let (mut inner, mut outer) = (record(&gateway), record(&gateway));
+        if inner["reason"] != "destination_loop" {
+            std::mem::swap(&mut inner, &mut outer);
+        }
+        assert_eq!(
+            (inner["reason"].as_str(), inner["arrival"].as_str()),
+            (Some("destination_loop"), Some("redirect")),
+            "{inner}"
+        );
+        assert_eq!(outer["decision"], "allowed", "{outer}");
+        assert_eq!(outer["upstream_addr"], original.to_string(), "{outer}");
+        gateway.signal("TERM");
+        let extra: Vec<String> = gateway.stdout.iter().collect();
+        assert!(extra.is_empty(), "the loop went on: {extra:?}");
+        println!("{mode}: a captured upstream connection came back once and was refused");
+        println!("INTERCEPTION OK");
+        return;
+    }
 
     // Allowed: the client reaches 198.18.0.10 through the gateway, on
     // either captured port.

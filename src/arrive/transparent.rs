@@ -23,6 +23,10 @@ pub enum OriginalDstError {
         "the original destination {0} is this gateway's own listener (a connection made to it directly, or a loop)"
     )]
     Loop(SocketAddr),
+    #[error(
+        "the connection comes from {0}, one of this gateway's own upstream connections: the interception rules capture the gateway's own traffic (exempt its upstream_mark or its UID)"
+    )]
+    CameBack(SocketAddr),
 }
 
 /// The original destination of `tcp`, accepted on a listener of `kind`;
