@@ -107,7 +107,8 @@ pub enum Command {
     /// redirect: nat OUTPUT (and PREROUTING on --interface) REDIRECT to
     /// --port. tproxy: mangle PREROUTING TPROXY to --port, with the ip
     /// rule/route for its mark. The gateway's own traffic (--uid, --mark)
-    /// and loopback are never captured. Needs root (CAP_NET_ADMIN); IPv4.
+    /// and loopback are never captured. Needs root (CAP_NET_ADMIN); IPv4, and
+    /// IPv6 too with --ipv6.
     Iptables(IptablesArgs),
 }
 
@@ -130,7 +131,7 @@ pub struct IptablesArgs {
     pub ports: Ports,
     /// Destination networks never captured (repeatable), e.g. the cluster's service CIDR.
     #[arg(long, value_name = "CIDR")]
-    pub exclude: Vec<ipnet::Ipv4Net>,
+    pub exclude: Vec<ipnet::IpNet>,
     /// Capture connections routed in through this interface (repeatable).
     /// tproxy without it: every interface.
     #[arg(long = "interface", value_name = "IF")]
@@ -141,6 +142,9 @@ pub struct IptablesArgs {
     /// tproxy: the routing table that delivers marked packets locally.
     #[arg(long, value_name = "TABLE", default_value_t = 133)]
     pub table: u32,
+    /// The same rules for IPv6 too (ip6tables, ip -6).
+    #[arg(long)]
+    pub ipv6: bool,
     /// Print the rules as a shell script instead of applying them.
     #[arg(long)]
     pub print: bool,

@@ -63,6 +63,7 @@ fn iptables(args: snigress::cli::IptablesArgs) -> ExitCode {
         interfaces: args.interfaces,
         tproxy_mark: args.tproxy_mark,
         table: args.table,
+        ipv6: args.ipv6,
     };
     let commands = match spec.commands() {
         Ok(c) => c,

@@ -14,9 +14,11 @@
 //!
 //! Either way the gateway's own upstream connections must pass untouched:
 //! every rule set starts with `RETURN` for the gateway's UID (`--uid`, the
-//! owner exception Istio makes for UID 1337) and/or its `upstream_mark`
-//! (`--mark`), and at least one of them is required. Loopback destinations
-//! and `--exclude` networks are never captured. IPv4 only (`iptables`).
+//! owner exception Istio makes for UID 1337; redirect only, as the owner
+//! match exists only in OUTPUT) and/or its `upstream_mark` (`--mark`;
+//! required for tproxy), and at least one of them is required. Loopback destinations
+//! and `--exclude` networks are never captured. IPv4 (`iptables`), and with
+//! `--ipv6` the same for IPv6 (`ip6tables`, `ip -6`).
 
 use std::fmt::Write as _;
 
@@ -32,14 +34,16 @@ pub struct Spec {
     pub uids: Vec<u32>,
     /// The gateway's upstream_mark, left alone.
     pub mark: Option<u32>,
-    /// Networks never captured (besides loopback).
-    pub exclude: Vec<ipnet::Ipv4Net>,
+    /// Networks never captured (besides loopback), of either family.
+    pub exclude: Vec<ipnet::IpNet>,
     /// Incoming interfaces whose routed connections are captured (redirect:
     /// optional; tproxy: every interface when empty).
     pub interfaces: Vec<String>,
     /// tproxy: the mark TPROXY sets and the routing table it selects.
     pub tproxy_mark: u32,
     pub table: u32,
+    /// The same rules for IPv6 too (`ip6tables`, `ip -6`).
+    pub ipv6: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,9 +68,26 @@ impl Spec {
         if self.port == 0 {
             return Err("--port must be the listener's port (1-65535)".into());
         }
+        if self.mode == Mode::Tproxy && self.mark.is_none() {
+            return Err("tproxy rules sit in PREROUTING, where the owner match (--uid) cannot apply: \
+                        give --mark (the listener's upstream_mark)"
+                .into());
+        }
+        let mut out = self.family(false);
+        if self.ipv6 {
+            out.extend(self.family(true));
+        } else if let Some(net) = self.exclude.iter().find(|n| matches!(n, ipnet::IpNet::V6(_))) {
+            return Err(format!("--exclude {net} is IPv6: add --ipv6 to write IPv6 rules"));
+        }
+        Ok(out)
+    }
+
+    /// The rules of one address family.
+    fn family(&self, v6: bool) -> Vec<Vec<String>> {
+        let tool = if v6 { "ip6tables" } else { "iptables" };
         let mut out: Vec<Vec<String>> = Vec::new();
         let mut rule = |table: &str, args: &[&str]| {
-            let mut cmd = vec!["iptables".to_owned(), "-t".to_owned(), table.to_owned()];
+            let mut cmd = vec![tool.to_owned(), "-t".to_owned(), table.to_owned()];
             cmd.extend(args.iter().map(|a| (*a).to_owned()));
             out.push(cmd);
         };
@@ -76,14 +97,15 @@ impl Spec {
         };
         rule(table, &["-N", CAPTURE]);
         // The gateway's own traffic first, then what is never captured.
-        for uid in &self.uids {
+        // (The owner match exists only for locally made packets: OUTPUT.)
+        for uid in self.uids.iter().filter(|_| self.mode == Mode::Redirect) {
             rule(table, &["-A", CAPTURE, "-m", "owner", "--uid-owner", &uid.to_string(), "-j", "RETURN"]);
         }
         if let Some(mark) = self.mark {
             rule(table, &["-A", CAPTURE, "-m", "mark", "--mark", &mark.to_string(), "-j", "RETURN"]);
         }
-        rule(table, &["-A", CAPTURE, "-d", "127.0.0.0/8", "-j", "RETURN"]);
-        for net in &self.exclude {
+        rule(table, &["-A", CAPTURE, "-d", if v6 { "::1/128" } else { "127.0.0.0/8" }, "-j", "RETURN"]);
+        for net in self.exclude.iter().filter(|n| matches!(n, ipnet::IpNet::V6(_)) == v6) {
             rule(table, &["-A", CAPTURE, "-d", &net.to_string(), "-j", "RETURN"]);
         }
         let target: Vec<String> = match self.mode {
@@ -129,12 +151,16 @@ impl Spec {
                     rule("mangle", &["-A", "PREROUTING", "-i", interface, "-p", "tcp", "-j", CAPTURE]);
                 }
                 let table = self.table.to_string();
-                let words = |s: &[&str]| s.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
-                out.push(words(&["ip", "rule", "add", "fwmark", &format!("{mark}/{mark}"), "lookup", &table]));
-                out.push(words(&["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", &table]));
+                let ip = |args: &[&str]| {
+                    let family: &[&str] = if v6 { &["ip", "-6"] } else { &["ip"] };
+                    family.iter().chain(args).map(|w| (*w).to_owned()).collect::<Vec<_>>()
+                };
+                let everything = if v6 { "::/0" } else { "0.0.0.0/0" };
+                out.push(ip(&["rule", "add", "fwmark", &format!("{mark}/{mark}"), "lookup", &table]));
+                out.push(ip(&["route", "add", "local", everything, "dev", "lo", "table", &table]));
             }
         }
-        Ok(out)
+        out
     }
 }
 
@@ -176,6 +202,7 @@ mod tests {
             interfaces: vec![],
             tproxy_mark: 1,
             table: 133,
+            ipv6: false,
         }
     }
 
@@ -212,10 +239,36 @@ iptables -t nat -A OUTPUT -p tcp -j SNIGRESS_CAPTURE
     }
 
     #[test]
+    fn ipv6_rules_are_the_same_for_ip6tables() {
+        let mut s = spec(Mode::Tproxy);
+        s.ipv6 = true;
+        s.exclude.push("fd00:10:96::/112".parse().unwrap());
+        let text = script(&s.commands().unwrap());
+        for line in [
+            "iptables -t mangle -A SNIGRESS_CAPTURE -d 10.96.0.0/12 -j RETURN",
+            "ip6tables -t mangle -A SNIGRESS_CAPTURE -d ::1/128 -j RETURN",
+            "ip6tables -t mangle -A SNIGRESS_CAPTURE -d fd00:10:96::/112 -j RETURN",
+            "ip6tables -t mangle -A SNIGRESS_CAPTURE -m mark --mark 1337 -j RETURN",
+            "ip -6 rule add fwmark 0x1/0x1 lookup 133",
+            "ip -6 route add local ::/0 dev lo table 133",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        assert!(!text.contains("ip6tables -t mangle -A SNIGRESS_CAPTURE -d 10.96.0.0/12"), "{text}");
+        s.ipv6 = false;
+        assert!(s.commands().unwrap_err().contains("--ipv6"));
+    }
+
+    #[test]
     fn rules_that_would_capture_the_gateway_itself_are_refused() {
         let mut s = spec(Mode::Redirect);
         s.uids.clear();
         s.mark = None;
         assert!(s.commands().unwrap_err().contains("--uid"));
+        // TPROXY works in PREROUTING, where only the mark can exempt.
+        let mut s = spec(Mode::Tproxy);
+        assert!(!script(&s.commands().unwrap()).contains("--uid-owner"));
+        s.mark = None;
+        assert!(s.commands().unwrap_err().contains("--mark"));
     }
 }
