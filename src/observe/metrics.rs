@@ -326,7 +326,8 @@ impl Metrics {
         // A series is a pair: past the pair cap a new pair keeps its name
         // (the per-destination view) and loses its caller.
         let admitted = self.pairs.admit(&sni, &source);
-        let named = admitted && principal.is_some() && source != self.source_cap.overflow;
+        // (Only the Istio families use it: no allocation otherwise.)
+        let named = self.istio.is_some() && admitted && principal.is_some() && source != self.source_cap.overflow;
         let principal = principal.filter(|_| named).map(|p| Arc::from(p.uri()));
         let source = if admitted { source } else { self.source_cap.overflow.clone() };
         ConnectionKey { sni, source, principal, mutual_tls }
