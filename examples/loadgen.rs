@@ -180,17 +180,8 @@ struct Client {
 /// A PROXY v2 header as ztunnel writes it: the app's address, a VIP, and
 /// the caller's SPIFFE ID.
 fn ztunnel_header() -> Vec<u8> {
-    let mut payload = vec![10, 1, 2, 3, 240, 240, 0, 1];
-    payload.extend_from_slice(&40000u16.to_be_bytes());
-    payload.extend_from_slice(&443u16.to_be_bytes());
-    payload.push(snigress::arrive::proxy::TLV_ISTIO_PEER_IDENTITY);
-    payload.extend_from_slice(&(CALLER.len() as u16).to_be_bytes());
-    payload.extend_from_slice(CALLER.as_bytes());
-    let mut header = snigress::arrive::proxy::V2_SIGNATURE.to_vec();
-    header.extend_from_slice(&[0x21, 0x11]);
-    header.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    header.extend(payload);
-    header
+    let (app, vip) = ("10.1.2.3:40000".parse().expect("address"), "240.240.0.1:443".parse().expect("address"));
+    snigress::arrive::proxy::testing::ztunnel(app, vip, Some(CALLER))
 }
 
 impl Client {

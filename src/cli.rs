@@ -120,10 +120,11 @@ pub struct IptablesArgs {
     /// redirect (iptables nat REDIRECT) or tproxy (mangle TPROXY).
     #[arg(long, value_enum, default_value = "redirect")]
     pub mode: crate::tools::iptables::Mode,
-    /// The gateway's UID, whose connections pass (repeatable); Istio uses 1337.
+    /// The gateway's UID, whose connections pass (repeatable; redirect only:
+    /// the owner match exists only in OUTPUT); Istio uses 1337.
     #[arg(long = "uid", value_name = "UID")]
     pub uids: Vec<u32>,
-    /// The listener's upstream_mark, whose connections pass.
+    /// The listener's upstream_mark, whose connections pass (required for tproxy).
     #[arg(long, value_name = "MARK")]
     pub mark: Option<u32>,
     /// Destination ports to capture (comma-separated); "all" for every TCP port.

@@ -354,8 +354,10 @@ impl ConnError {
             | ConnError::Hello(ReadError::Hello(_))
             | ConnError::Arrival(ArrivalError::Header(HeaderReadError::Invalid(_)) | ArrivalError::Identity(_))
             | ConnError::Handshake(HandshakeError::Failed(_) | HandshakeError::Identity(_)) => "DPE",
-            ConnError::Hello(_) | ConnError::Arrival(ArrivalError::Header(_)) | ConnError::FirstByteTimeout => "DC",
-            ConnError::Handshake(_) => "DC",
+            ConnError::Hello(_)
+            | ConnError::Arrival(ArrivalError::Header(_))
+            | ConnError::FirstByteTimeout
+            | ConnError::Handshake(_) => "DC",
             ConnError::MaxLifetime | ConnError::Shutdown => "DT",
             ConnError::Internal(_) => "-",
         }

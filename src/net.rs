@@ -40,7 +40,8 @@ pub struct LocalEnd {
     addr: SocketAddr,
 }
 
-fn canonical(addr: SocketAddr) -> SocketAddr {
+/// `addr` with an IPv4-mapped IPv6 address as the IPv4 address it is.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
@@ -73,10 +74,6 @@ pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // As std and tokio bind: [::] takes IPv4 too where the system allows.
-        let _ = socket.set_only_v6(false);
-    }
     if transparent {
         let set = if addr.is_ipv4() { socket.set_ip_transparent_v4(true) } else { socket.set_ip_transparent_v6(true) };
         set.map_err(|e| {

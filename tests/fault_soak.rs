@@ -32,48 +32,16 @@ const TRANSFERS: usize = 24;
 /// Bytes each transfer sends (and gets back from the echo upstream).
 const PAYLOAD: usize = 256 * 1024;
 
-fn run(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{}: {e}", args[0]))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = run(&["ip", "netns", "del", &self.0]);
-    }
-}
-
 #[test]
 fn byte_exact_transfers_through_a_lossy_rate_limited_network() {
-    if !is_root() {
-        println!("skipped: needs root, to create a network namespace and impair its loopback");
-        return;
-    }
-    let required = std::env::var_os("SNIGRESS_REQUIRE_TOOLS").is_some();
-    for tool in ["ip", "tc", "iptables"] {
-        let found =
-            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
-        if !found {
-            assert!(!required, "{tool} is required here");
-            println!("skipped: {tool} is not installed (Debian: iproute2, iptables)");
+    let ns = match Netns::create("snigress-soak", &["ip", "tc", "iptables"], "impair its loopback") {
+        Ok(ns) => ns,
+        Err(why) => {
+            println!("skipped: {why}");
             return;
         }
-    }
-    let ns = Netns(format!("snigress-soak-{}", std::process::id()));
-    run(&["ip", "netns", "add", &ns.0]).expect("create the namespace");
-    let exec = |args: &[&str]| {
-        let mut all = vec!["ip", "netns", "exec", &ns.0];
-        all.extend_from_slice(args);
-        run(&all)
     };
-    exec(&["ip", "link", "set", "lo", "up"]).expect("loopback up");
+    let exec = |args: &[&str]| ns.exec(args).map(|_| ());
     let netem = exec(&[
         "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "20ms", "10ms", "loss", "1%", "reorder", "0.5%",
         "rate", "200mbit",

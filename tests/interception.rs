@@ -28,46 +28,16 @@ const VERIFY: &str = "SNIGRESS_INTERCEPTION_VERIFY";
 /// The interception listener's upstream mark (Istio's UID, by habit).
 const MARK: &str = "1337";
 
-fn run(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{}: {e}", args[0]))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = run(&["ip", "netns", "del", &self.0]);
-    }
-}
-
 fn in_namespace(mode: &str, verify: &str) {
-    if !is_root() {
-        println!("skipped: needs root, to create a network namespace and set iptables rules in it");
-        return;
-    }
-    let required = std::env::var_os("SNIGRESS_REQUIRE_TOOLS").is_some();
-    for tool in ["ip", "iptables"] {
-        let found =
-            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
-        if !found {
-            assert!(!required, "{tool} is required here");
-            println!("skipped: {tool} is not installed (Debian: iproute2, iptables)");
+    let why = "set iptables rules in it";
+    let ns = match Netns::create(&format!("snigress-{mode}-{verify}"), &["ip", "iptables"], why) {
+        Ok(ns) => ns,
+        Err(why) => {
+            println!("skipped: {why}");
             return;
         }
-    }
-    let ns = Netns(format!("snigress-{mode}-{verify}-{}", std::process::id()));
-    run(&["ip", "netns", "add", &ns.0]).expect("create the namespace");
-    for cmd in [["ip", "link", "set", "lo", "up"].as_slice(), &["ip", "addr", "add", "198.18.0.10/32", "dev", "lo"]] {
-        let mut all = vec!["ip", "netns", "exec", &ns.0];
-        all.extend_from_slice(cmd);
-        run(&all).expect("set up the namespace");
-    }
+    };
+    ns.exec(&["ip", "addr", "add", "198.18.0.10/32", "dev", "lo"]).expect("the upstream's address");
     let exe = std::env::current_exe().expect("test binary").display().to_string();
     let out = Command::new("ip")
         .args(["netns", "exec", &ns.0, &exe, "--exact", "interception_child", "--ignored", "--nocapture"])

@@ -19,27 +19,9 @@ use tokio::net::{TcpSocket, TcpStream};
 const APP: &str = "10.1.2.3:40000";
 const VIP: &str = "240.240.0.5:443";
 
-/// A PROXY v2 header as ztunnel writes it: PROXY command, TCP over IPv4,
-/// the addresses, then the identity TLV when there is one.
+/// A PROXY v2 header as ztunnel writes it.
 fn ztunnel_header(identity: Option<&str>) -> Vec<u8> {
-    let (src, dst): (SocketAddr, SocketAddr) = (APP.parse().unwrap(), VIP.parse().unwrap());
-    let mut payload = Vec::new();
-    for addr in [src, dst] {
-        let SocketAddr::V4(v4) = addr else { unreachable!() };
-        payload.extend_from_slice(&v4.ip().octets());
-    }
-    payload.extend_from_slice(&src.port().to_be_bytes());
-    payload.extend_from_slice(&dst.port().to_be_bytes());
-    if let Some(id) = identity {
-        payload.push(0xD0);
-        payload.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        payload.extend_from_slice(id.as_bytes());
-    }
-    let mut header = snigress::arrive::proxy::V2_SIGNATURE.to_vec();
-    header.extend_from_slice(&[0x21, 0x11]);
-    header.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    header.extend(payload);
-    header
+    snigress::arrive::proxy::testing::ztunnel(APP.parse().unwrap(), VIP.parse().unwrap(), identity)
 }
 
 /// Listeners: `ambient` trusts loopback and takes the identity TLV (echo
@@ -243,8 +225,7 @@ async fn v1_local_and_ipv6_headers_and_no_per_source_limit_for_the_proxy() {
     );
 
     // v2 LOCAL (a proxy's own health check): the proxy is the client.
-    let mut local = snigress::arrive::proxy::V2_SIGNATURE.to_vec();
-    local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    let local = snigress::arrive::proxy::testing::v2(0, 0x00, &[]);
     let socket = TcpSocket::new_v4().expect("socket");
     socket.bind("127.0.0.7:0".parse().unwrap()).expect("bind");
     let tcp = socket.connect(h.addr("ambient")).await.expect("connect");
@@ -256,14 +237,10 @@ async fn v1_local_and_ipv6_headers_and_no_per_source_limit_for_the_proxy() {
     assert_eq!((r.arrival, r.client_addr, r.proxy_addr, r.original_dst), ("proxy_v2", peer, Some(peer), None));
 
     // IPv6 addresses in a v2 header.
-    let mut v6 = snigress::arrive::proxy::V2_SIGNATURE.to_vec();
-    v6.extend_from_slice(&[0x21, 0x21, 0, 36]);
     let (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
         ("2001:db8::7".parse().unwrap(), "fd00::1".parse().unwrap());
-    v6.extend_from_slice(&src.octets());
-    v6.extend_from_slice(&dst.octets());
-    v6.extend_from_slice(&4444u16.to_be_bytes());
-    v6.extend_from_slice(&443u16.to_be_bytes());
+    let payload = [&src.octets()[..], &dst.octets(), &4444u16.to_be_bytes(), &443u16.to_be_bytes()].concat();
+    let v6 = snigress::arrive::proxy::testing::v2(1, 0x21, &payload);
     within("v6", ambient_exchange(&h, &v6, "a.allowed.test", b"hi")).await.expect("v6");
     let r = h.record().await;
     assert_eq!(r.client_addr, "[2001:db8::7]:4444".parse().unwrap());

@@ -326,6 +326,40 @@ pub async fn read(tcp: &mut TcpStream, versions: Versions, timeout: Duration) ->
 #[cfg(any(test, feature = "test-util"))]
 #[doc(hidden)]
 pub mod testing {
+    use std::net::SocketAddrV4;
+
+    /// A v2 header: `command` 0 (LOCAL) or 1 (PROXY), the family and
+    /// transport byte, then `payload` (addresses and TLVs).
+    pub fn v2(command: u8, family: u8, payload: &[u8]) -> Vec<u8> {
+        let mut h = super::V2_SIGNATURE.to_vec();
+        h.push(0x20 | command);
+        h.push(family);
+        h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        h.extend_from_slice(payload);
+        h
+    }
+
+    /// One TLV.
+    pub fn tlv(kind: u8, value: &[u8]) -> Vec<u8> {
+        let mut t = vec![kind];
+        t.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        t.extend_from_slice(value);
+        t
+    }
+
+    /// The header Istio's ztunnel sends a waypoint: PROXY, TCP over IPv4,
+    /// the app's address and the destination (a VIP), then the caller's
+    /// SPIFFE ID in TLV 0xD0 when there is one.
+    pub fn ztunnel(src: SocketAddrV4, dst: SocketAddrV4, identity: Option<&str>) -> Vec<u8> {
+        let mut payload = [src.ip().octets(), dst.ip().octets()].concat();
+        payload.extend_from_slice(&src.port().to_be_bytes());
+        payload.extend_from_slice(&dst.port().to_be_bytes());
+        if let Some(id) = identity {
+            payload.extend(tlv(super::TLV_ISTIO_PEER_IDENTITY, id.as_bytes()));
+        }
+        v2(1, 0x11, &payload)
+    }
+
     /// Any bytes: a complete header never claims more bytes than it was
     /// given and every shorter prefix of it asks for more; a complete
     /// header stays the same, and a refusal stays a refusal, as more bytes
@@ -354,21 +388,7 @@ pub mod testing {
 mod tests {
     use super::*;
 
-    fn v2(command: u8, family: u8, payload: &[u8]) -> Vec<u8> {
-        let mut h = V2_SIGNATURE.to_vec();
-        h.push(0x20 | command);
-        h.push(family);
-        h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        h.extend_from_slice(payload);
-        h
-    }
-
-    fn tlv(kind: u8, value: &[u8]) -> Vec<u8> {
-        let mut t = vec![kind];
-        t.extend_from_slice(&(value.len() as u16).to_be_bytes());
-        t.extend_from_slice(value);
-        t
-    }
+    use super::testing::{tlv, v2};
 
     fn ipv4_payload() -> Vec<u8> {
         let mut p = vec![10, 0, 0, 7, 240, 240, 0, 1];

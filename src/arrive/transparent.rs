@@ -58,7 +58,7 @@ pub fn original_destination(
             addr
         }
     };
-    let original = SocketAddr::new(original.ip().to_canonical(), original.port());
+    let original = crate::net::canonical(original);
     if is_own(original, own) {
         return Err(OriginalDstError::Loop(original));
     }

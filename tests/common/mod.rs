@@ -912,3 +912,56 @@ impl SlowDns {
         self.queries.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// Runs a command: its stdout, or an error naming it with its stderr.
+pub fn run(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// A network namespace this test created, deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// Root and `tools`, then a new namespace named `name` with its
+    /// loopback up; `Err` says why the test skips (a missing tool fails
+    /// instead under `.ci/run`'s SNIGRESS_REQUIRE_TOOLS). `why` says what the
+    /// namespace is for.
+    pub fn create(name: &str, tools: &[&str], why: &str) -> Result<Netns, String> {
+        if !is_root() {
+            return Err(format!("needs root, to create a network namespace and {why}"));
+        }
+        let required = std::env::var_os("SNIGRESS_REQUIRE_TOOLS").is_some();
+        for tool in tools {
+            let found = std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !found {
+                assert!(!required, "{tool} is required here");
+                return Err(format!("{tool} is not installed (Debian: iproute2, iptables)"));
+            }
+        }
+        let ns = Netns(format!("{name}-{}", std::process::id()));
+        run(&["ip", "netns", "add", &ns.0]).expect("create the namespace");
+        ns.exec(&["ip", "link", "set", "lo", "up"]).expect("loopback up");
+        Ok(ns)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Result<String, String> {
+        let mut all = vec!["ip", "netns", "exec", &self.0];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.0]);
+    }
+}
