@@ -22,7 +22,7 @@ use crate::admission::PendingTicket;
 use crate::arrive::proxy;
 use crate::arrive::transparent::original_destination;
 use crate::arrive::{ArrivalError, ClientStream};
-use crate::config::{Listener, Mode, OriginalDestination, ProxyIdentity, ProxyProtocol, VerifyDestination};
+use crate::config::{Listener, Mode, ProxyIdentity, VerifyDestination};
 use crate::connect::{Budget, connect};
 use crate::destination::Destination;
 use crate::error::{ConnError, Decision, Termination, alert_name};
@@ -45,13 +45,10 @@ const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
 /// The listener a connection arrived on.
 #[derive(Debug, Clone)]
 pub struct ListenerInfo {
+    /// Its name, shared by every connection's labels.
     pub name: Arc<str>,
-    pub mode: Mode,
-    pub upstream_port: u16,
-    pub proxy_protocol: Option<ProxyProtocol>,
-    pub original_destination: Option<OriginalDestination>,
-    pub verify_destination: VerifyDestination,
-    pub upstream_mark: Option<u32>,
+    /// Its validated settings.
+    pub config: Listener,
     /// Every address the gateway listens on (no intercepted connection
     /// may have meant one).
     pub own: Arc<[SocketAddr]>,
@@ -66,23 +63,13 @@ impl ListenerInfo {
         own: Arc<[SocketAddr]>,
         upstream_ends: Option<Arc<crate::net::LocalEnds>>,
     ) -> ListenerInfo {
-        ListenerInfo {
-            name: l.name.as_str().into(),
-            mode: l.mode,
-            upstream_port: l.upstream_port,
-            proxy_protocol: l.proxy_protocol.clone(),
-            original_destination: l.original_destination,
-            verify_destination: l.verify_destination,
-            upstream_mark: l.upstream_mark,
-            own,
-            upstream_ends,
-        }
+        ListenerInfo { name: l.name.as_str().into(), config: l.clone(), own, upstream_ends }
     }
 
     /// Whether `peer` is a proxy whose PROXY header this listener honours.
     pub fn trusts_proxy(&self, peer: std::net::IpAddr) -> bool {
         let peer = peer.to_canonical();
-        self.proxy_protocol.as_ref().is_some_and(|p| p.trusted_sources.iter().any(|net| net.contains(&peer)))
+        self.config.proxy_protocol.as_ref().is_some_and(|p| p.trusted_sources.iter().any(|net| net.contains(&peer)))
     }
 }
 
@@ -231,7 +218,7 @@ impl Recorder {
             Some(key) => key,
             None => {
                 let sni = facts.sni.as_ref().map(|_| INVALID);
-                let key = metrics.key(sni, facts.principal.as_ref(), false, self.listener.mode == Mode::Mtls);
+                let key = metrics.key(sni, facts.principal.as_ref(), false, self.listener.config.mode == Mode::Mtls);
                 self.transfer.attach(metrics.bytes(&key));
                 key
             }
@@ -247,7 +234,7 @@ impl Recorder {
             start_time: rfc3339(self.started.0),
             duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             listener: self.listener.name.to_string(),
-            mode: self.listener.mode.as_str(),
+            mode: self.listener.config.mode.as_str(),
             arrival: if facts.arrival.is_empty() { "tcp" } else { facts.arrival },
             client_addr: facts.client_addr.unwrap_or(self.client_addr),
             proxy_addr: facts.proxy_addr,
@@ -305,7 +292,7 @@ impl Pipeline<'_> {
         // Each path is boxed on its own: a connection's task then holds only
         // the state of its own kind (a passthrough connection does not pay
         // for the size of the TLS stream).
-        match self.listener.mode {
+        match self.listener.config.mode {
             Mode::Passthrough => Box::pin(self.serve(tcp, facts)).await,
             Mode::Mtls => Box::pin(self.mesh(tcp, facts)).await,
         }
@@ -316,11 +303,11 @@ impl Pipeline<'_> {
     /// Returns with the client's own bytes next on the socket.
     async fn arrive_tcp(&self, tcp: &mut TcpStream, facts: &mut Facts) -> Result<(), ConnError> {
         let listener = self.listener;
-        if listener.proxy_protocol.is_some() && !listener.trusts_proxy(self.peer.ip()) {
+        if listener.config.proxy_protocol.is_some() && !listener.trusts_proxy(self.peer.ip()) {
             // Never parsed: a header from anyone else would be a lie.
             return Err(ArrivalError::UntrustedProxy(self.peer.ip()).into());
         }
-        if let Some(kind) = listener.original_destination {
+        if let Some(kind) = listener.config.original_destination {
             let original = original_destination(tcp, kind, &listener.own).map_err(ArrivalError::from)?;
             facts.arrival = kind.as_str();
             facts.original_dst = Some(original);
@@ -329,7 +316,7 @@ impl Pipeline<'_> {
         // gives its slot back long before a handshake timeout would (and
         // never later than one).
         let timeouts = &self.snapshot.timeouts;
-        let stage = if listener.mode == Mode::Mtls { timeouts.handshake } else { timeouts.client_hello };
+        let stage = if listener.config.mode == Mode::Mtls { timeouts.handshake } else { timeouts.client_hello };
         // (A fresh socket counts as readable at first: peek waits for a byte.)
         if tokio::time::timeout(timeouts.first_byte.min(stage), tcp.peek(&mut [0u8; 1])).await.is_err() {
             return Err(ConnError::FirstByteTimeout);
@@ -337,12 +324,12 @@ impl Pipeline<'_> {
         // A connection from one of the gateway's own upstream connections
         // came back around. (Checked after the first byte: the upstream end
         // is registered before the gateway writes to it.)
-        if listener.original_destination.is_some()
+        if listener.config.original_destination.is_some()
             && listener.upstream_ends.as_ref().is_some_and(|ends| ends.contains(self.peer))
         {
             return Err(ArrivalError::from(crate::arrive::transparent::OriginalDstError::CameBack(self.peer)).into());
         }
-        if let Some(settings) = &listener.proxy_protocol {
+        if let Some(settings) = &listener.config.proxy_protocol {
             let header =
                 proxy::read(tcp, settings.versions, timeouts.client_hello).await.map_err(ArrivalError::from)?;
             facts.arrival = header.version.arrival();
@@ -441,9 +428,9 @@ impl Pipeline<'_> {
         facts.sni = Some(name.to_string());
         // An intercepted connection goes where it was going; anything else
         // to the listener's port.
-        let port = match (self.listener.original_destination, facts.original_dst) {
+        let port = match (self.listener.config.original_destination, facts.original_dst) {
             (Some(_), Some(original)) => original.port(),
-            _ => self.listener.upstream_port,
+            _ => self.listener.config.upstream_port,
         };
         let destination = Destination { name, port, identity: facts.principal.clone(), original: facts.original_dst };
 
@@ -461,7 +448,8 @@ impl Pipeline<'_> {
         let Destination { name, identity, .. } = destination;
         let verdict = self.snapshot.policy.decide(name, identity.as_ref());
         let allowed = matches!(verdict, Verdict::Allowed(_));
-        let key = self.metrics.key(Some(name.as_str()), identity.as_ref(), allowed, self.listener.mode == Mode::Mtls);
+        let key =
+            self.metrics.key(Some(name.as_str()), identity.as_ref(), allowed, self.listener.config.mode == Mode::Mtls);
         self.transfer.attach(self.metrics.bytes(&key));
         facts.key = Some(key);
         match verdict {
@@ -507,7 +495,7 @@ impl Pipeline<'_> {
         destination: &Destination,
         addrs: Vec<std::net::IpAddr>,
     ) -> Result<Vec<std::net::IpAddr>, ConnError> {
-        if self.listener.verify_destination == VerifyDestination::Off {
+        if self.listener.config.verify_destination == VerifyDestination::Off {
             return Ok(addrs);
         }
         match destination.original {
@@ -523,7 +511,7 @@ impl Pipeline<'_> {
         let timeouts = &self.snapshot.timeouts;
         let budget = Budget { per_attempt: timeouts.connect, total: timeouts.connect_total };
         let dialled = Instant::now();
-        match connect(addrs, port, budget, self.listener.upstream_mark).await {
+        match connect(addrs, port, budget, self.listener.config.upstream_mark).await {
             Ok((upstream, addr)) => {
                 self.metrics.connect(ConnectResult::Ok, dialled.elapsed());
                 facts.upstream_addr = Some(addr);

@@ -151,7 +151,7 @@ impl Gateway {
         let mut loops = tokio::task::JoinSet::new();
         for (info, listener) in self.listeners {
             let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            tracing::info!(listener = %info.name, mode = info.mode.as_str(), %address, "listening");
+            tracing::info!(listener = %info.name, mode = info.config.mode.as_str(), %address, "listening");
             let shared = accept::LoopShared {
                 snapshot: self.snapshot.clone(),
                 permits: self.permits.clone(),
