@@ -29,6 +29,8 @@ pub mod defaults {
     use std::time::Duration;
 
     pub const UPSTREAM_PORT: u16 = 443;
+    /// The plain-HTTP front's upstream port.
+    pub const HTTP_PORT: u16 = 80;
     /// Outer handshake: a mesh sidecar on the same network completes it in
     /// milliseconds; 10 s tolerates a loaded node and still frees a slot held
     /// by a client that connects and sends nothing.
@@ -119,7 +121,13 @@ pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
     pub mode: Mode,
+    /// The fronts served: TLS (the default), CONNECT, plain HTTP.
+    pub protocols: crate::front::Protocols,
+    /// Where the TLS front's connections go (and the plain-HTTP front's on
+    /// a listener without a TLS front).
     pub upstream_port: u16,
+    /// Where the plain-HTTP front's connections go.
+    pub http_port: u16,
     /// A PROXY protocol header comes first, from trusted sources only.
     pub proxy_protocol: Option<ProxyProtocol>,
     /// Connections intercepted by iptables: where the client really went.
@@ -128,6 +136,23 @@ pub struct Listener {
     pub verify_destination: VerifyDestination,
     /// `SO_MARK` on this listener's upstream sockets.
     pub upstream_mark: Option<u32>,
+}
+
+/// `connect:`: what the CONNECT front lets clients ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectSettings {
+    /// Ports a CONNECT may name.
+    pub allowed_ports: Vec<u16>,
+    /// A tunnelled ClientHello must carry an SNI.
+    pub require_sni: bool,
+    /// Ports whose tunnels are not inspected (they may carry anything).
+    pub plaintext_ports: Vec<u16>,
+}
+
+impl Default for ConnectSettings {
+    fn default() -> ConnectSettings {
+        ConnectSettings { allowed_ports: vec![443], require_sni: true, plaintext_ports: Vec::new() }
+    }
 }
 
 /// `listeners[].proxy_protocol`.
@@ -257,6 +282,7 @@ pub struct Config {
     pub access_log: Option<PathBuf>,
     pub metrics: MetricsSettings,
     pub shutdown: Shutdown,
+    pub connect: ConnectSettings,
     /// Refuse inner ClientHellos that carry encrypted_client_hello.
     pub refuse_ech: bool,
 }

@@ -26,11 +26,15 @@ use crate::config::{Listener, Mode, ProxyIdentity, VerifyDestination};
 use crate::connect::{Budget, connect};
 use crate::destination::Destination;
 use crate::error::{ConnError, Decision, Termination, alert_name};
-use crate::front::tls::{self, alert};
+use crate::front::http::ReadError as HeadReadError;
+use crate::front::http::{self, HttpError, TargetError};
+use crate::front::plain::{self, Guarded, Requests};
+use crate::front::tls::{self, HelloError, alert};
+use crate::front::{Protocol, Short, connect as connect_front};
 use crate::identity::Principal;
 use crate::name::ServerName;
 use crate::observe::access_log::{Record, printable, rfc3339};
-use crate::observe::metrics::{ActiveGuard, ConnectResult, ConnectionKey, DnsResult, INVALID, Metrics};
+use crate::observe::metrics::{ActiveGuard, ConnectResult, ConnectionKey, DnsResult, INVALID, Metrics, Outcome};
 use crate::policy::Decision as Verdict;
 use crate::relay::{IdleTimeouts, Transfer, copy, splice};
 use crate::resolve::ResolveError;
@@ -90,8 +94,18 @@ struct Facts {
     original_dst: Option<SocketAddr>,
     principal: Option<Principal>,
     outer_sni: Option<String>,
+    /// The front that read the destination.
+    protocol: Option<Protocol>,
+    /// A refusal is answered in HTTP (an HTTP front, before a CONNECT's 200).
+    http_answer: bool,
+    http_status: Option<u16>,
+    connect_authority: Option<String>,
+    tunnel_sni: Option<String>,
     sni: Option<String>,
     ech: bool,
+    /// Detail of how an allowed connection ended, when it says more than
+    /// the termination (a plain-HTTP request that was not forwarded).
+    note: Option<String>,
     matched_rule: Option<String>,
     upstream_addr: Option<SocketAddr>,
     /// Metric labels, once the name and the decision are known.
@@ -224,11 +238,13 @@ impl Recorder {
             }
         };
         let (decision, reason, side, detail, flags) = match &facts.refusal {
-            None => (Decision::Allowed, "allowed", None, None, termination.response_flags()),
+            None => (Decision::Allowed, "allowed", None, facts.note.take(), termination.response_flags()),
             Some(e) => (e.decision(), e.reason(), Some(e.side().as_str()), Some(e.to_string()), e.response_flags()),
         };
         let elapsed = self.started.1.elapsed();
-        metrics.finished(&self.listener.name, &key, decision, reason, flags, elapsed);
+        let protocol = facts.protocol.map_or("none", Protocol::as_str);
+        let outcome = Outcome { decision, reason, protocol, response_flags: flags };
+        metrics.finished(&self.listener.name, &key, outcome, elapsed);
         let principal = facts.principal.as_ref();
         let record = Record {
             start_time: rfc3339(self.started.0),
@@ -236,6 +252,7 @@ impl Recorder {
             listener: self.listener.name.to_string(),
             mode: self.listener.config.mode.as_str(),
             arrival: if facts.arrival.is_empty() { "tcp" } else { facts.arrival },
+            protocol: facts.protocol.map(Protocol::as_str),
             client_addr: facts.client_addr.unwrap_or(self.client_addr),
             proxy_addr: facts.proxy_addr,
             original_dst: facts.original_dst,
@@ -244,12 +261,15 @@ impl Recorder {
             namespace: principal.and_then(|p| p.namespace()).map(str::to_owned),
             service_account: principal.and_then(|p| p.service_account()).map(str::to_owned),
             sni: facts.sni.take(),
+            connect_authority: facts.connect_authority.take(),
+            tunnel_sni: facts.tunnel_sni.take(),
             ech: facts.ech,
             decision: decision.as_str(),
             reason,
             side,
             matched_rule: facts.matched_rule.take(),
             upstream_addr: facts.upstream_addr,
+            http_status: facts.http_status,
             bytes_from_client: self.transfer.bytes_from_client(),
             bytes_to_client: self.transfer.bytes_to_client(),
             termination: termination.as_str(),
@@ -269,6 +289,15 @@ impl Drop for Recorder {
             self.finish(Termination::Internal);
         }
     }
+}
+
+/// A connection ready to relay: its upstream, the bytes to replay, and,
+/// on the plain-HTTP front, the request stream to follow (with the bytes
+/// read after the first head).
+struct Ready {
+    upstream: TcpStream,
+    replay: Vec<u8>,
+    http: Option<(Requests, Vec<u8>)>,
 }
 
 /// What the stages of one connection work with.
@@ -382,13 +411,16 @@ impl Pipeline<'_> {
     async fn serve<S: ClientStream>(&self, mut client: S, facts: &mut Facts) -> Termination {
         // Boxed: the setup state is freed before a connection relays for hours.
         match Box::pin(self.setup(&mut client, facts)).await {
-            Ok((mut upstream, replay)) => {
+            Ok(Ready { mut upstream, replay, http }) => {
                 facts.relaying = true;
                 // Registered before the first byte is written upstream.
                 let _end =
                     self.listener.upstream_ends.as_ref().and_then(|ends| Some(ends.hold(upstream.local_addr().ok()?)));
                 let timeouts = &self.snapshot.timeouts;
                 let idle = IdleTimeouts { open: timeouts.idle, half_closed: timeouts.half_close };
+                if let Some((requests, leftover)) = http {
+                    return self.relay_requests(client, upstream, replay, requests, leftover, facts).await;
+                }
                 let ended = match client.plain_tcp() {
                     Some(tcp) => Box::pin(splice::splice(tcp, &upstream, replay, idle, self.transfer)).await,
                     None => copy::copy(&mut client, &mut upstream, replay, idle, self.transfer).await,
@@ -396,29 +428,99 @@ impl Pipeline<'_> {
                 ended.into()
             }
             Err(e) => {
-                let alert = e.alert();
+                let reply = if facts.http_answer {
+                    let status = e.http_status();
+                    facts.http_status = Some(status);
+                    Some(http::answer(status, Some(&e.proxy_status()), &format!("{}: {e}\n", e.reason())))
+                } else {
+                    e.alert().map(|description| {
+                        self.metrics.alert_sent(alert_name(description));
+                        alert::record(description).to_vec()
+                    })
+                };
                 let termination = facts.refuse(e);
-                if let Some(description) = alert {
-                    self.metrics.alert_sent(alert_name(description));
-                    Box::pin(refuse(client, description, self.transfer)).await;
+                if let Some(reply) = reply {
+                    Box::pin(refuse(client, &reply, self.transfer)).await;
                 }
                 termination
             }
         }
     }
 
-    /// Everything before the first relayed byte: the hello, the destination,
-    /// the policy, resolution and the upstream connection. Returns the
-    /// upstream and every byte read from the client, to replay.
-    async fn setup<S: ClientStream>(
+    /// The plain-HTTP relay: the client's requests are followed, and one
+    /// that names another host (or cannot be framed) is not forwarded but
+    /// answered, after the responses before it.
+    async fn relay_requests<S: ClientStream>(
+        &self,
+        client: S,
+        mut upstream: TcpStream,
+        replay: Vec<u8>,
+        requests: Requests,
+        leftover: Vec<u8>,
+        facts: &mut Facts,
+    ) -> Termination {
+        let timeouts = &self.snapshot.timeouts;
+        let idle = IdleTimeouts { open: timeouts.idle, half_closed: timeouts.half_close };
+        let mut guarded = Guarded::new(client, requests, leftover);
+        let ended = copy::copy(&mut guarded, &mut upstream, replay, idle, self.transfer).await;
+        match guarded.stopped() {
+            Some((stop, written)) => {
+                self.transfer.add_to_client(written.unwrap_or(0));
+                facts.http_status = Some(stop.status());
+                facts.note = Some(stop.to_string());
+                match stop {
+                    plain::Stop::Misdirected(_) => Termination::Misdirected,
+                    plain::Stop::Invalid(_) => Termination::RequestRefused,
+                }
+            }
+            None => ended.into(),
+        }
+    }
+
+    /// Everything before the first relayed byte: the front, the
+    /// destination, the policy, resolution and the upstream connection.
+    /// Returns the upstream and every byte read from the client, to replay.
+    async fn setup<S: ClientStream>(&self, client: &mut S, facts: &mut Facts) -> Result<Ready, ConnError> {
+        let mut read = Vec::new();
+        match self.front(client, &mut read).await? {
+            Protocol::Tls => self.setup_tls(client, read, facts).await,
+            _ => self.setup_http(client, read, facts).await,
+        }
+    }
+
+    /// Which front reads this connection: the listener's only one, or, on
+    /// a listener with several, the one the first byte names.
+    async fn front<S: ClientStream>(&self, client: &mut S, read: &mut Vec<u8>) -> Result<Protocol, ConnError> {
+        let protocols = self.listener.config.protocols;
+        if !protocols.detects() {
+            return Ok(if protocols.tls { Protocol::Tls } else { Protocol::Http });
+        }
+        let timeout = self.snapshot.timeouts.client_hello;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let first = crate::front::read_more(client, read, 2048, deadline).await.map_err(|short| {
+            ConnError::Hello(match short {
+                Short::Closed => tls::ReadError::Closed { received: 0 },
+                Short::Io(e) => tls::ReadError::Io(e),
+                Short::Timeout => tls::ReadError::Timeout { after: timeout, received: 0 },
+            })
+        });
+        first?;
+        self.transfer.add_from_client(read.len());
+        protocols.for_first_byte(read[0]).ok_or(ConnError::UnknownProtocol(read[0]))
+    }
+
+    /// The TLS front: the ClientHello's SNI names the destination.
+    async fn setup_tls<S: ClientStream>(
         &self,
         client: &mut S,
+        mut read: Vec<u8>,
         facts: &mut Facts,
-    ) -> Result<(TcpStream, Vec<u8>), ConnError> {
+    ) -> Result<Ready, ConnError> {
         let Snapshot { timeouts, limits, .. } = self.snapshot;
-        let mut read = Vec::new();
+        facts.protocol = Some(Protocol::Tls);
+        let before = read.len();
         let hello = tls::read(client, &mut read, limits.client_hello_bytes, timeouts.client_hello).await;
-        self.transfer.add_from_client(read.len());
+        self.transfer.add_from_client(read.len() - before);
         let hello = hello?;
         facts.ech = hello.ech;
         self.metrics.hello(&self.listener.name, hello.len);
@@ -426,20 +528,124 @@ impl Pipeline<'_> {
         let raw = hello.server_name.as_deref().ok_or(ConnError::NoSni)?;
         let name = ServerName::from_bytes(raw).inspect_err(|_| facts.sni = Some(printable(raw)))?;
         facts.sni = Some(name.to_string());
-        // An intercepted connection goes where it was going; anything else
-        // to the listener's port.
+        let destination = self.destination(name, self.listener.config.upstream_port, facts);
+        let upstream = self.reach(&destination, hello.ech, facts).await?;
+        Ok(Ready { upstream, replay: read, http: None })
+    }
+
+    /// The HTTP fronts: a CONNECT request, or a plain-HTTP request.
+    async fn setup_http<S: ClientStream>(
+        &self,
+        client: &mut S,
+        mut read: Vec<u8>,
+        facts: &mut Facts,
+    ) -> Result<Ready, ConnError> {
+        let protocols = self.listener.config.protocols;
+        facts.http_answer = true;
+        if protocols.connect != protocols.http {
+            facts.protocol = Some(if protocols.connect { Protocol::Connect } else { Protocol::Http });
+        }
+        let before = read.len();
+        let head = http::read(client, &mut read, self.snapshot.timeouts.client_hello).await;
+        self.transfer.add_from_client(read.len() - before);
+        let head = head?;
+        let connect = head.method == "CONNECT";
+        if !(if connect { protocols.connect } else { protocols.http }) {
+            return Err(HeadReadError::from(HttpError::Method(head.method)).into());
+        }
+        if connect {
+            return self.tunnel(client, read, head, facts).await;
+        }
+        facts.protocol = Some(Protocol::Http);
+        let authority = plain::check(&head).map_err(TargetError::from)?;
+        facts.sni = Some(authority.name.to_string());
+        let destination = self.destination(authority.name, self.listener.config.http_port, facts);
+        if let Some(port) = authority.port.filter(|p| *p != destination.port) {
+            return Err(TargetError::Port { port, allowed: "not the listener's plain-HTTP upstream port" }.into());
+        }
+        let upstream = self.reach(&destination, false, facts).await?;
+        let leftover = read.split_off(head.len);
+        let requests = Requests::after(&head, destination.name, destination.port);
+        Ok(Ready { upstream, replay: read, http: Some((requests, leftover)) })
+    }
+
+    /// The CONNECT front: policy on the request's target, the `200`, then
+    /// the tunnel's ClientHello must name the same host.
+    async fn tunnel<S: ClientStream>(
+        &self,
+        client: &mut S,
+        mut read: Vec<u8>,
+        head: http::Head,
+        facts: &mut Facts,
+    ) -> Result<Ready, ConnError> {
+        let Snapshot { timeouts, limits, connect: settings, .. } = self.snapshot;
+        facts.protocol = Some(Protocol::Connect);
+        facts.connect_authority = Some(printable(head.target.as_bytes()));
+        let (name, port) = connect_front::target(&head, settings)?;
+        facts.sni = Some(name.to_string());
+        let destination = self.destination(name, port, facts);
+        let upstream = self.reach(&destination, false, facts).await?;
+
+        let sent = async {
+            client.write_all(http::ESTABLISHED).await?;
+            client.flush().await
+        };
+        sent.await.map_err(HeadReadError::Io)?;
+        self.transfer.add_to_client(http::ESTABLISHED.len());
+        facts.http_status = Some(200);
+        // From here on the client speaks (or should speak) TLS.
+        facts.http_answer = false;
+
+        let mut replay = read.split_off(head.len);
+        if settings.plaintext_ports.contains(&port) {
+            return Ok(Ready { upstream, replay, http: None });
+        }
+        let before = replay.len();
+        let hello = tls::read(client, &mut replay, limits.client_hello_bytes, timeouts.client_hello).await;
+        self.transfer.add_from_client(replay.len() - before);
+        let hello = match hello {
+            Err(tls::ReadError::Hello(HelloError::NotTls)) => return Err(ConnError::TunnelNotTls),
+            other => other?,
+        };
+        facts.ech = hello.ech;
+        self.metrics.hello(&self.listener.name, hello.len);
+        match hello.server_name.as_deref() {
+            None if settings.require_sni => return Err(ConnError::NoSni),
+            None => {}
+            Some(raw) => {
+                facts.tunnel_sni = Some(printable(raw));
+                if ServerName::from_bytes(raw).ok().as_ref() != Some(&destination.name) {
+                    return Err(ConnError::SniMismatch {
+                        authority: destination.name.to_string(),
+                        sni: printable(raw),
+                    });
+                }
+            }
+        }
+        if hello.ech && self.snapshot.refuse_ech {
+            return Err(ConnError::Ech);
+        }
+        Ok(Ready { upstream, replay, http: None })
+    }
+
+    /// Where a front's name leads: an intercepted connection goes where it
+    /// was going; anything else to `port`.
+    fn destination(&self, name: ServerName, port: u16, facts: &Facts) -> Destination {
         let port = match (self.listener.config.original_destination, facts.original_dst) {
             (Some(_), Some(original)) => original.port(),
-            _ => self.listener.config.upstream_port,
+            _ => port,
         };
-        let destination = Destination { name, port, identity: facts.principal.clone(), original: facts.original_dst };
+        Destination { name, port, identity: facts.principal.clone(), original: facts.original_dst }
+    }
 
-        self.authorize(&destination, hello.ech, facts)?;
+    /// From a destination to an open upstream connection: policy, then
+    /// resolution, vetting and the connect.
+    async fn reach(&self, destination: &Destination, ech: bool, facts: &mut Facts) -> Result<TcpStream, ConnError> {
+        self.authorize(destination, ech, facts)?;
         self.pending.settle();
         let addrs = self.resolve(&destination.name).await?;
-        let addrs = self.verify(&destination, addrs)?;
-        let upstream = self.connect(&addrs, destination.port, facts).await?;
-        Ok((upstream, read))
+        let addrs = self.verify(destination, addrs)?;
+        self.connect(&addrs, destination.port, facts).await
     }
 
     /// Policy: whether this caller may reach this name. From here on the
@@ -527,17 +733,17 @@ impl Pipeline<'_> {
     }
 }
 
-/// Sends a fatal alert on the inner layer, closes our side (close_notify on
-/// the outer TLS layer, FIN on TCP) and lingers briefly so the alert is read
-/// before the socket goes away instead of being lost to a reset. Every byte
-/// written and drained is counted.
-async fn refuse<S>(mut client: S, description: u8, transfer: &Transfer)
+/// Sends the refusal (a fatal TLS alert on the inner layer, or an HTTP
+/// answer), closes our side (close_notify on the outer TLS layer, FIN on
+/// TCP) and lingers briefly so it is read before the socket goes away
+/// instead of being lost to a reset. Every byte written and drained is
+/// counted.
+async fn refuse<S>(mut client: S, record: &[u8], transfer: &Transfer)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let record = alert::record(description);
     let send = async {
-        client.write_all(&record).await?;
+        client.write_all(record).await?;
         transfer.add_to_client(record.len());
         client.shutdown().await
     };
@@ -577,7 +783,9 @@ mod tests {
             name: "l".into(),
             address: "127.0.0.1:0".parse().unwrap(),
             mode: Mode::Passthrough,
+            protocols: crate::front::Protocols::TLS,
             upstream_port: 443,
+            http_port: 80,
             proxy_protocol: None,
             original_destination: None,
             verify_destination: VerifyDestination::Off,
@@ -608,7 +816,7 @@ mod tests {
         assert_eq!((r.sni.as_deref(), r.bytes_from_client), (Some("a.example"), 7));
         assert!(records.try_recv().is_err(), "exactly one record");
         let text = metrics.prometheus_text(0);
-        assert!(text.contains("reason=\"internal_error\"} 1"), "{text}");
+        assert!(text.contains("reason=\"internal_error\",protocol=\"none\"} 1"), "{text}");
         assert!(text.contains("snigress_active_connections{listener=\"l\"} 0"), "{text}");
     }
 

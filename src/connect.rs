@@ -63,6 +63,14 @@ impl ConnectError {
         !self.attempts.is_empty() && self.attempts.iter().all(|a| a.error.is_none())
     }
 
+    /// The last attempt was refused (RST): nothing listens there.
+    pub fn refused(&self) -> bool {
+        self.attempts
+            .last()
+            .and_then(|a| a.error.as_ref())
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    }
+
     pub fn reason(&self) -> &'static str {
         if self.timed_out() { "connect_timeout" } else { "connect_failed" }
     }

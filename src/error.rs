@@ -14,6 +14,7 @@ use crate::arrive::mtls::HandshakeError;
 use crate::arrive::proxy::ReadError as HeaderReadError;
 use crate::arrive::transparent::OriginalDstError;
 use crate::connect::ConnectError;
+use crate::front::http::{ReadError as HeadReadError, TargetError};
 use crate::front::tls::{HelloError, ReadError, alert};
 use crate::name::NameError;
 use crate::policy::Match;
@@ -78,6 +79,12 @@ pub enum Termination {
     HandshakeFailed,
     HandshakeTimeout,
     ClientHelloTimeout,
+    /// No complete HTTP request head within `timeouts.client_hello`.
+    RequestTimeout,
+    /// A later plain-HTTP request named another host: answered 421.
+    Misdirected,
+    /// A later plain-HTTP request could not be framed safely: answered.
+    RequestRefused,
     ProxyHeaderTimeout,
     DnsTimeout,
     ConnectTimeout,
@@ -96,6 +103,9 @@ impl Termination {
             Termination::HandshakeFailed => "handshake_failed",
             Termination::HandshakeTimeout => "handshake_timeout",
             Termination::ClientHelloTimeout => "client_hello_timeout",
+            Termination::RequestTimeout => "request_timeout",
+            Termination::Misdirected => "misdirected_request",
+            Termination::RequestRefused => "request_refused",
             Termination::ProxyHeaderTimeout => "proxy_header_timeout",
             Termination::DnsTimeout => "dns_timeout",
             Termination::ConnectTimeout => "connect_timeout",
@@ -127,6 +137,16 @@ pub enum ConnError {
     Handshake(#[from] HandshakeError),
     #[error(transparent)]
     Hello(#[from] ReadError),
+    #[error("the first byte {0:#04x} starts no protocol this listener serves")]
+    UnknownProtocol(u8),
+    #[error(transparent)]
+    Request(#[from] HeadReadError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("the tunnelled ClientHello names {sni:?}, not {authority:?} as the CONNECT did")]
+    SniMismatch { authority: String, sni: String },
+    #[error("the tunnel's first bytes are not a TLS ClientHello (connect.plaintext_ports does not name this port)")]
+    TunnelNotTls,
     #[error("the ClientHello has no server_name")]
     NoSni,
     #[error("invalid server_name: {0}")]
@@ -164,6 +184,14 @@ impl ConnError {
             ConnError::Hello(ReadError::Timeout { .. }) => "client_hello_timeout",
             ConnError::Hello(ReadError::Closed { .. }) => "client_closed_early",
             ConnError::Hello(ReadError::Io(_)) => "client_error",
+            ConnError::UnknownProtocol(_) => "unknown_protocol",
+            ConnError::Request(HeadReadError::Invalid(e)) => e.reason(),
+            ConnError::Request(HeadReadError::Timeout { .. }) => "http_request_timeout",
+            ConnError::Request(HeadReadError::Closed { .. }) => "client_closed_early",
+            ConnError::Request(HeadReadError::Io(_)) => "client_error",
+            ConnError::Target(e) => e.reason(),
+            ConnError::SniMismatch { .. } => "sni_mismatch",
+            ConnError::TunnelNotTls => "tunnel_not_tls",
             ConnError::NoSni => "no_sni",
             ConnError::InvalidSni(_) => "invalid_sni",
             ConnError::Denied(_) => "policy_denied",
@@ -180,6 +208,9 @@ impl ConnError {
     pub fn side(&self) -> Side {
         match self {
             ConnError::Handshake(_) | ConnError::Hello(_) | ConnError::NoSni | ConnError::InvalidSni(_) => Side::Client,
+            ConnError::UnknownProtocol(_) | ConnError::Request(_) | ConnError::TunnelNotTls => Side::Client,
+            ConnError::Target(TargetError::Http(_)) => Side::Client,
+            ConnError::Target(_) | ConnError::SniMismatch { .. } => Side::Policy,
             ConnError::SourceLimit | ConnError::FirstByteTimeout => Side::Client,
             ConnError::Evicted => Side::Internal,
             ConnError::Arrival(
@@ -217,10 +248,16 @@ impl ConnError {
             | ConnError::Hello(ReadError::Hello(_))
             | ConnError::NoSni
             | ConnError::InvalidSni(_)
+            | ConnError::UnknownProtocol(_)
+            | ConnError::Request(HeadReadError::Invalid(_))
+            | ConnError::Target(_)
+            | ConnError::SniMismatch { .. }
+            | ConnError::TunnelNotTls
             | ConnError::Denied(_)
             | ConnError::Ech
             | ConnError::Resolve(ResolveError::AllRefused(_)) => Decision::Denied,
-            ConnError::Hello(_)
+            ConnError::Request(_)
+            | ConnError::Hello(_)
             | ConnError::Arrival(ArrivalError::Header(_))
             | ConnError::FirstByteTimeout
             | ConnError::Resolve(_)
@@ -236,6 +273,9 @@ impl ConnError {
             ConnError::Handshake(HandshakeError::Timeout) => Termination::HandshakeTimeout,
             ConnError::Handshake(_) => Termination::HandshakeFailed,
             ConnError::Hello(ReadError::Timeout { .. }) => Termination::ClientHelloTimeout,
+            ConnError::Request(HeadReadError::Timeout { .. }) => Termination::RequestTimeout,
+            ConnError::Request(HeadReadError::Closed { .. }) => Termination::Relayed(Ended::ClientClosed),
+            ConnError::Request(HeadReadError::Io(_)) => Termination::Relayed(Ended::ClientError),
             ConnError::Arrival(ArrivalError::Header(HeaderReadError::Timeout(_))) => Termination::ProxyHeaderTimeout,
             ConnError::Arrival(ArrivalError::Header(HeaderReadError::Closed)) => {
                 Termination::Relayed(Ended::ClientClosed)
@@ -262,7 +302,8 @@ impl ConnError {
             ConnError::Denied(_)
             | ConnError::Ech
             | ConnError::Resolve(ResolveError::AllRefused(_))
-            | ConnError::DestinationMismatch { .. } => Some(alert::ACCESS_DENIED),
+            | ConnError::DestinationMismatch { .. }
+            | ConnError::SniMismatch { .. } => Some(alert::ACCESS_DENIED),
             ConnError::NoSni
             | ConnError::InvalidSni(_)
             | ConnError::Resolve(ResolveError::NxDomain | ResolveError::NoAddresses) => Some(alert::UNRECOGNIZED_NAME),
@@ -282,6 +323,11 @@ impl ConnError {
             // The arrival stage reads no TLS: what follows may not be.
             | ConnError::Arrival(_)
             | ConnError::Handshake(_)
+            // Not TLS: the HTTP fronts answer in HTTP.
+            | ConnError::UnknownProtocol(_)
+            | ConnError::Request(_)
+            | ConnError::Target(_)
+            | ConnError::TunnelNotTls
             | ConnError::MaxLifetime
             | ConnError::Shutdown => None,
         }
@@ -308,12 +354,47 @@ impl ConnError {
             ConnError::Connect(e) if e.timed_out() => 504,
             ConnError::Connect(_) => 502,
             ConnError::NoSni | ConnError::InvalidSni(_) | ConnError::Hello(ReadError::Hello(_)) => 400,
+            ConnError::UnknownProtocol(_) => 400,
+            ConnError::Request(HeadReadError::Invalid(e)) | ConnError::Target(TargetError::Http(e)) => e.status(),
+            ConnError::Request(HeadReadError::Timeout { .. }) => 408,
+            ConnError::Request(_) => 400,
+            // http_request_denied
+            ConnError::Target(_) | ConnError::SniMismatch { .. } | ConnError::TunnelNotTls => 403,
             ConnError::Hello(_) | ConnError::FirstByteTimeout => 408,
             ConnError::Handshake(_) => 400,
             ConnError::SourceLimit => 429,
             ConnError::ConnectionLimit | ConnError::Evicted | ConnError::MaxLifetime | ConnError::Shutdown => 503,
             ConnError::Internal(_) => 500,
         }
+    }
+}
+
+impl ConnError {
+    /// The `Proxy-Status` field (RFC 9209) of the HTTP answer to a refusal:
+    /// the error type the RFC registers for what happened, and the reason.
+    pub fn proxy_status(&self) -> String {
+        let error = match self {
+            ConnError::Denied(_)
+            | ConnError::Ech
+            | ConnError::Target(TargetError::Port { .. } | TargetError::IpLiteral(_)) => "http_request_denied",
+            ConnError::Resolve(ResolveError::AllRefused(_)) | ConnError::DestinationMismatch { .. } => {
+                "destination_ip_prohibited"
+            }
+            ConnError::Resolve(ResolveError::NxDomain) => "dns_error; rcode=NXDOMAIN",
+            ConnError::Resolve(ResolveError::NoAddresses) => "destination_not_found",
+            ConnError::Resolve(ResolveError::Failed(_)) => "dns_error",
+            ConnError::Resolve(ResolveError::Timeout) => "dns_timeout",
+            ConnError::Connect(e) if e.timed_out() => "connection_timeout",
+            ConnError::Connect(e) if e.refused() => "connection_refused",
+            ConnError::Connect(_) => "destination_unavailable",
+            ConnError::Arrival(ArrivalError::OriginalDestination(
+                OriginalDstError::Loop(_) | OriginalDstError::CameBack(_),
+            )) => "proxy_loop_detected",
+            ConnError::ConnectionLimit | ConnError::SourceLimit | ConnError::Evicted => "connection_limit_reached",
+            ConnError::Internal(_) | ConnError::MaxLifetime | ConnError::Shutdown => "proxy_internal_error",
+            _ => "http_request_error",
+        };
+        format!("snigress; error={error}; details=\"{}\"", self.reason())
     }
 }
 
@@ -344,6 +425,8 @@ impl ConnError {
             | ConnError::Ech
             | ConnError::Resolve(ResolveError::AllRefused(_))
             | ConnError::DestinationMismatch { .. }
+            | ConnError::Target(TargetError::Port { .. } | TargetError::IpLiteral(_))
+            | ConnError::SniMismatch { .. }
             | ConnError::Arrival(ArrivalError::UntrustedProxy(_) | ArrivalError::OriginalDestination(_)) => "UAEX",
             ConnError::Resolve(ResolveError::NxDomain | ResolveError::NoAddresses) => "NR",
             ConnError::Resolve(ResolveError::Timeout | ResolveError::Failed(_)) => "DF",
@@ -352,9 +435,14 @@ impl ConnError {
             ConnError::NoSni
             | ConnError::InvalidSni(_)
             | ConnError::Hello(ReadError::Hello(_))
+            | ConnError::UnknownProtocol(_)
+            | ConnError::Request(HeadReadError::Invalid(_))
+            | ConnError::Target(TargetError::Http(_))
+            | ConnError::TunnelNotTls
             | ConnError::Arrival(ArrivalError::Header(HeaderReadError::Invalid(_)) | ArrivalError::Identity(_))
             | ConnError::Handshake(HandshakeError::Failed(_) | HandshakeError::Identity(_)) => "DPE",
             ConnError::Hello(_)
+            | ConnError::Request(_)
             | ConnError::Arrival(ArrivalError::Header(_))
             | ConnError::FirstByteTimeout
             | ConnError::Handshake(_) => "DC",

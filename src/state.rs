@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub(crate) limits: Limits,
     /// Refuse inner hellos carrying encrypted_client_hello.
     pub(crate) refuse_ech: bool,
+    /// What CONNECT clients may ask for.
+    pub(crate) connect: crate::config::ConnectSettings,
 }
 
 /// Why a gateway could not start, or a reload could not be applied.
@@ -70,6 +72,7 @@ impl Snapshot {
             timeouts: config.timeouts,
             limits: config.limits,
             refuse_ech: config.refuse_ech,
+            connect: config.connect.clone(),
         })
     }
 

@@ -90,6 +90,7 @@ async fn counters_agree_with_the_access_log() {
         let labels = vec![
             ("decision".to_owned(), r.decision.to_owned()),
             ("listener".to_owned(), r.listener.clone()),
+            ("protocol".to_owned(), r.protocol.unwrap_or("none").to_owned()),
             ("reason".to_owned(), r.reason.to_owned()),
             ("sni".to_owned(), sni_label(r)),
             ("source".to_owned(), source_label(r)),

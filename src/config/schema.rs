@@ -43,6 +43,8 @@ pub(super) struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub shutdown: RawShutdown,
+    #[serde(default)]
+    pub connect: Option<Spanned<RawConnect>>,
 }
 
 #[derive(Deserialize)]
@@ -51,8 +53,12 @@ pub(super) struct RawListener {
     pub name: Spanned<String>,
     pub address: Spanned<Parsed<Address>>,
     pub mode: Spanned<Mode>,
-    #[serde(default = "default_upstream_port")]
-    pub upstream_port: Spanned<u16>,
+    #[serde(default)]
+    pub protocol: Option<Spanned<RawProtocols>>,
+    #[serde(default)]
+    pub upstream_port: Option<Spanned<u16>>,
+    #[serde(default)]
+    pub http_upstream_port: Option<Spanned<u16>>,
     #[serde(default)]
     pub proxy_protocol: Option<Spanned<RawProxyProtocol>>,
     #[serde(default)]
@@ -84,8 +90,50 @@ pub(super) enum ProxyVersion {
     V2,
 }
 
-fn default_upstream_port() -> Spanned<u16> {
-    unspanned(defaults::UPSTREAM_PORT)
+/// `protocol:` as written: one name (`tls`, `connect`, `http`, `auto`) or a
+/// list of the first three.
+pub(super) struct RawProtocols(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for RawProtocols {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawProtocols;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("tls, connect, http, auto, or a list of tls, connect and http")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawProtocols, E> {
+                Ok(RawProtocols(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawProtocols, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    names.push(name);
+                }
+                Ok(RawProtocols(names))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawConnect {
+    pub allowed_ports: Spanned<Vec<u16>>,
+    pub require_sni: bool,
+    pub plaintext_ports: Spanned<Vec<u16>>,
+}
+
+impl Default for RawConnect {
+    fn default() -> Self {
+        let d = super::ConnectSettings::default();
+        RawConnect {
+            allowed_ports: unspanned(d.allowed_ports),
+            require_sni: d.require_sni,
+            plaintext_ports: unspanned(d.plaintext_ports),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]

@@ -46,13 +46,26 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigEr
     let resolver = resolver(raw.resolver, timeouts.dns, ctx)?;
     let limits = limits(&raw.limits, ctx)?;
     let metrics = metrics(&raw.metrics, &listeners, ctx)?;
+    let connect = connect(raw.connect.as_ref(), ctx)?;
     let shutdown =
         Shutdown { grace_period: raw.shutdown.grace_period.value.0, drain_timeout: raw.shutdown.drain_timeout.value.0 };
     let access_log = match raw.access_log.path.as_deref() {
         None | Some("-") => None,
         Some(p) => Some(ctx.path(p)),
     };
-    Ok(Config { listeners, mtls, policy, resolver, timeouts, limits, access_log, metrics, shutdown, refuse_ech })
+    Ok(Config {
+        listeners,
+        mtls,
+        policy,
+        resolver,
+        timeouts,
+        limits,
+        access_log,
+        metrics,
+        shutdown,
+        refuse_ech,
+        connect,
+    })
 }
 
 fn listeners(raw: &RawConfig, ctx: &Ctx<'_>) -> Result<Vec<Listener>, ConfigError> {
@@ -79,16 +92,43 @@ fn listeners(raw: &RawConfig, ctx: &Ctx<'_>) -> Result<Vec<Listener>, ConfigErro
         if address.port() != 0 && !addresses.insert(address) {
             return Err(ctx.at(&l.address, format!("listeners[{i}].address: {address} is used by another listener")));
         }
-        if l.upstream_port.value == 0 {
-            return Err(ctx.at(&l.upstream_port, format!("listeners[{i}].upstream_port: must be 1-65535")));
+        let key = |k: &str| format!("listeners[{i}].{k}");
+        let protocols = match &l.protocol {
+            Some(p) => protocols(p, &key("protocol"), ctx)?,
+            None => crate::front::Protocols::TLS,
+        };
+        for port in [&l.upstream_port, &l.http_upstream_port].into_iter().flatten() {
+            if port.value == 0 {
+                return Err(ctx.at(port, format!("listeners[{i}]: an upstream port must be 1-65535")));
+            }
         }
+        if let Some(port) = &l.http_upstream_port
+            && !protocols.http
+        {
+            return Err(ctx.at(
+                port,
+                format!("{}: the listener has no plain-HTTP front (protocol: http or auto)", key("http_upstream_port")),
+            ));
+        }
+        // A listener serving plain HTTP only sends it to upstream_port
+        // (80 unless given); beside a TLS front, plain HTTP has a port of
+        // its own.
+        let http_only = protocols.http && !protocols.tls;
+        let upstream_port = l
+            .upstream_port
+            .as_ref()
+            .map_or(if http_only { defaults::HTTP_PORT } else { defaults::UPSTREAM_PORT }, |p| p.value);
+        let http_port = match &l.http_upstream_port {
+            Some(p) => p.value,
+            None if http_only => upstream_port,
+            None => defaults::HTTP_PORT,
+        };
         if l.mode.value == Mode::Mtls && raw.mtls.is_none() {
             return Err(ctx.at(
                 &l.mode,
                 format!("listeners[{i}].mode: listener {name:?} is mtls but the config has no mtls: section"),
             ));
         }
-        let key = |k: &str| format!("listeners[{i}].{k}");
         let proxy_protocol = match &l.proxy_protocol {
             Some(p) => Some(proxy_protocol(p, raw, l.mode.value, &key("proxy_protocol"), ctx)?),
             None => None,
@@ -99,6 +139,15 @@ fn listeners(raw: &RawConfig, ctx: &Ctx<'_>) -> Result<Vec<Listener>, ConfigErro
                 return Err(ctx.at(
                     o,
                     format!("{}: a listener takes either a PROXY header or an intercepted connection's original destination, not both", key("original_destination")),
+                ));
+            }
+            if protocols.connect {
+                return Err(ctx.at(
+                    o,
+                    format!(
+                        "{}: an intercepted connection was not sent to a proxy: CONNECT does not apply (protocol: tls or http)",
+                        key("original_destination")
+                    ),
                 ));
             }
             if l.mode.value != Mode::Passthrough {
@@ -136,7 +185,9 @@ fn listeners(raw: &RawConfig, ctx: &Ctx<'_>) -> Result<Vec<Listener>, ConfigErro
             name: name.to_owned(),
             address,
             mode: l.mode.value,
-            upstream_port: l.upstream_port.value,
+            protocols,
+            upstream_port,
+            http_port,
             proxy_protocol,
             original_destination,
             verify_destination,
@@ -152,6 +203,62 @@ fn listeners(raw: &RawConfig, ctx: &Ctx<'_>) -> Result<Vec<Listener>, ConfigErro
         });
     }
     Ok(listeners)
+}
+
+/// `protocol:`: one front, `auto` (all three), or a list.
+fn protocols(p: &Spanned<RawProtocols>, key: &str, ctx: &Ctx<'_>) -> Result<crate::front::Protocols, ConfigError> {
+    let mut out = crate::front::Protocols { tls: false, connect: false, http: false };
+    if p.value.0.is_empty() {
+        return Err(ctx.at(p, format!("{key}: name at least one of tls, connect, http")));
+    }
+    let single = p.value.0.len() == 1;
+    for name in &p.value.0 {
+        let seen = match name.as_str() {
+            "tls" => std::mem::replace(&mut out.tls, true),
+            "connect" => std::mem::replace(&mut out.connect, true),
+            "http" => std::mem::replace(&mut out.http, true),
+            "auto" if single => {
+                out = crate::front::Protocols { tls: true, connect: true, http: true };
+                false
+            }
+            "auto" => return Err(ctx.at(p, format!("{key}: auto stands alone (it means [tls, connect, http])"))),
+            other => {
+                return Err(ctx.at(
+                    p,
+                    format!(
+                        "{key}: unknown protocol {:?}; use tls, connect, http or auto",
+                        super::error::clip_lines(other)
+                    ),
+                ));
+            }
+        };
+        if seen {
+            return Err(ctx.at(p, format!("{key}: {name} is named twice")));
+        }
+    }
+    Ok(out)
+}
+
+/// `connect:`: the ports a CONNECT may name and how tunnels are checked.
+fn connect(raw: Option<&Spanned<RawConnect>>, ctx: &Ctx<'_>) -> Result<ConnectSettings, ConfigError> {
+    let Some(c) = raw else { return Ok(ConnectSettings::default()) };
+    let c = &c.value;
+    if c.allowed_ports.value.is_empty() {
+        return Err(
+            ctx.at(&c.allowed_ports, "connect.allowed_ports: at least one port is needed (443 is the default)".into())
+        );
+    }
+    if c.allowed_ports.value.contains(&0) || c.plaintext_ports.value.contains(&0) {
+        return Err(ctx.at(&c.allowed_ports, "connect: ports must be 1-65535".into()));
+    }
+    if let Some(p) = c.plaintext_ports.value.iter().find(|p| !c.allowed_ports.value.contains(p)) {
+        return Err(ctx.at(&c.plaintext_ports, format!("connect.plaintext_ports: {p} is not in connect.allowed_ports")));
+    }
+    Ok(ConnectSettings {
+        allowed_ports: c.allowed_ports.value.clone(),
+        require_sni: c.require_sni,
+        plaintext_ports: c.plaintext_ports.value.clone(),
+    })
 }
 
 fn proxy_protocol(

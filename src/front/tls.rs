@@ -28,7 +28,7 @@ use tls_parser::{
     SNIType, TlsExtension, parse_tls_extension_sni_content, parse_tls_extension_unknown,
     parse_tls_handshake_client_hello, parse_tls_raw_record, parse_tls_record_header,
 };
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 
 /// TLS alert descriptions the gateway sends on the inner layer (RFC 8446 §6).
 pub mod alert {
@@ -126,20 +126,14 @@ where
             Progress::NeedMore if buf.len() < cap => {}
             Progress::NeedMore => return Err(HelloError::TooLarge(cap).into()),
         }
-        let old = buf.len();
-        buf.resize((old + READ_CHUNK).min(cap), 0);
-        let read = tokio::time::timeout_at(deadline, client.read(&mut buf[old..])).await;
-        let failed = match read {
-            Ok(Ok(n @ 1..)) => {
-                buf.truncate(old + n);
-                continue;
-            }
-            Ok(Ok(_)) => ReadError::Closed { received: old },
-            Ok(Err(e)) => ReadError::Io(e),
-            Err(_) => ReadError::Timeout { after: timeout, received: old },
-        };
-        buf.truncate(old);
-        return Err(failed);
+        let received = buf.len();
+        let chunk = READ_CHUNK.min(cap - received);
+        return Err(match super::read_more(client, buf, chunk, deadline).await {
+            Ok(()) => continue,
+            Err(super::Short::Closed) => ReadError::Closed { received },
+            Err(super::Short::Io(e)) => ReadError::Io(e),
+            Err(super::Short::Timeout) => ReadError::Timeout { after: timeout, received },
+        });
     }
 }
 

@@ -28,6 +28,9 @@ pub struct Record {
     /// How the connection's addresses were learned: `tcp`, `proxy_v1`,
     /// `proxy_v2`, `redirect` or `tproxy`.
     pub arrival: &'static str,
+    /// The front that read the destination: `tls`, `connect` or `http`;
+    /// absent when the connection ended before one was chosen.
+    pub protocol: Option<&'static str>,
     /// The client: the TCP peer, or the source a trusted PROXY header named.
     pub client_addr: SocketAddr,
     /// The TCP peer when it was a proxy that sent a PROXY header.
@@ -44,6 +47,10 @@ pub struct Record {
     /// The inner SNI, normalised; for an invalid name, the raw value with
     /// non-printable bytes escaped (so a refused name is still visible).
     pub sni: Option<String>,
+    /// The CONNECT request's target as sent (CONNECT front).
+    pub connect_authority: Option<String>,
+    /// The SNI of the ClientHello tunnelled through a CONNECT, as sent.
+    pub tunnel_sni: Option<String>,
     /// The inner ClientHello carried an encrypted_client_hello extension.
     pub ech: bool,
     /// `allowed`, `denied` or `error`.
@@ -57,6 +64,9 @@ pub struct Record {
     pub matched_rule: Option<String>,
     /// The address dialled (or last tried).
     pub upstream_addr: Option<SocketAddr>,
+    /// The status of the HTTP answer the gateway itself sent (HTTP fronts:
+    /// a CONNECT's 200, a refusal, a 421); absent when it sent none.
+    pub http_status: Option<u16>,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
     /// How the connection ended (who closed, or which timeout).
@@ -279,6 +289,7 @@ mod tests {
             listener: "l".into(),
             mode: "passthrough",
             arrival: "tcp",
+            protocol: None,
             client_addr: "127.0.0.1:1".parse().unwrap(),
             proxy_addr: None,
             original_dst: None,
@@ -287,12 +298,15 @@ mod tests {
             namespace: None,
             service_account: None,
             sni: None,
+            connect_authority: None,
+            tunnel_sni: None,
             ech: false,
             decision: "denied",
             reason: "not_tls",
             side: Some("client"),
             matched_rule: None,
             upstream_addr: None,
+            http_status: None,
             bytes_from_client: 0,
             bytes_to_client: 0,
             termination: "refused",

@@ -135,6 +135,17 @@ fn register<M: prometheus_client::registry::Metric + Clone>(
     metric
 }
 
+/// How a connection ended, as its counters are labelled.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outcome {
+    pub decision: Decision,
+    pub reason: &'static str,
+    /// The front (`tls`, `connect`, `http`), or `none`.
+    pub protocol: &'static str,
+    /// Istio's response flags (the `istio_tcp_*` families).
+    pub response_flags: &'static str,
+}
+
 impl Metrics {
     #[cfg(test)]
     pub(crate) fn new(caps: Caps) -> Metrics {
@@ -152,7 +163,7 @@ impl Metrics {
             connections: register(
                 r,
                 "connections",
-                "Connections ended, by listener, inner SNI, caller, decision and reason",
+                "Connections ended, by listener, destination name, caller, decision, reason and front protocol",
                 Family::default(),
             ),
             bytes_from_client: register(
@@ -359,15 +370,8 @@ impl Metrics {
     }
 
     /// Counts a connection that ended.
-    pub(crate) fn finished(
-        &self,
-        listener: &Arc<str>,
-        key: &ConnectionKey,
-        decision: Decision,
-        reason: &'static str,
-        response_flags: &'static str,
-        lifetime: Duration,
-    ) {
+    pub(crate) fn finished(&self, listener: &Arc<str>, key: &ConnectionKey, outcome: Outcome, lifetime: Duration) {
+        let Outcome { decision, reason, protocol, response_flags } = outcome;
         if let Some(istio) = &self.istio {
             istio.closed.get_or_create(&IstioLabels::of(key, response_flags)).inc();
         }
@@ -378,6 +382,7 @@ impl Metrics {
             source: key.source.clone(),
             decision,
             reason,
+            protocol,
         };
         self.connections.get_or_create(&labels).inc();
         self.duration
@@ -560,7 +565,8 @@ mod tests {
         let m = Metrics::new(Caps { sni_values: 10, source_values: 10, sni_source_pairs: 100 });
         let key = m.key(Some("a.example"), None, true, false);
         m.bytes(&key).add_from_client(5);
-        m.finished(&"l".into(), &key, Decision::Allowed, "allowed", "-", Duration::from_millis(3));
+        let outcome = Outcome { decision: Decision::Allowed, reason: "allowed", protocol: "tls", response_flags: "-" };
+        m.finished(&"l".into(), &key, outcome, Duration::from_millis(3));
         let text = m.prometheus_text(0);
         assert!(text.contains("# TYPE snigress_connections_total counter\n"), "{text}");
         assert!(text.contains("# HELP snigress_connections_total Connections ended"), "{text}");
@@ -591,7 +597,8 @@ mod tests {
                 m.bytes(&key).add_from_client(1);
                 let (decision, reason) =
                     if allowed { (Decision::Allowed, "allowed") } else { (Decision::Denied, "policy_denied") };
-                m.finished(&listener, &key, decision, reason, "-", Duration::from_millis(1));
+                let outcome = Outcome { decision, reason, protocol: "tls", response_flags: "-" };
+                m.finished(&listener, &key, outcome, Duration::from_millis(1));
             }
         }
         let text = m.prometheus_text(0);

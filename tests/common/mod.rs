@@ -159,9 +159,12 @@ impl Dns {
 
 /// Certificates of the pretend internet: one CA, one server certificate for
 /// every name in the zone.
+#[derive(Clone)]
 pub struct Internet {
     pub roots: Arc<RootCertStore>,
     pub server: Arc<ServerConfig>,
+    /// The CA certificate in PEM, for clients that read a file (curl).
+    pub ca_pem: String,
 }
 
 impl Internet {
@@ -170,6 +173,9 @@ impl Internet {
         let ca_key = KeyPair::generate().expect("CA key");
         let mut ca = CertificateParams::default();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // A name of its own: OpenSSL takes a leaf whose issuer equals its
+        // subject for self-signed.
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "snigress test internet CA");
         let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
         let issuer = Issuer::new(ca, ca_key);
         let names: Vec<String> = ZONE.iter().map(|(n, _)| n.to_string()).collect();
@@ -185,7 +191,7 @@ impl Internet {
             .with_no_client_auth()
             .with_single_cert(vec![cert.der().clone()], key)
             .expect("server config");
-        Internet { roots: Arc::new(roots), server: Arc::new(server) }
+        Internet { roots: Arc::new(roots), server: Arc::new(server), ca_pem: ca_cert.pem() }
     }
 }
 
@@ -237,6 +243,141 @@ impl Echo {
         });
         Echo { port }
     }
+}
+
+/// An HTTP/1.1 origin, plain or over TLS: answers every request on a
+/// connection (keep-alive, `Content-Length` and chunked bodies) with a
+/// one-line body describing what it received, and reports each request.
+pub struct Origin {
+    pub port: u16,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+}
+
+/// One request as the origin received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Which accepted connection (0, 1, ...).
+    pub connection: usize,
+    /// The head exactly as received.
+    pub head: String,
+    pub host: String,
+    pub body: Vec<u8>,
+}
+
+impl Origin {
+    pub async fn start(tls: Option<Arc<ServerConfig>>) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let port = listener.local_addr().expect("origin address").port();
+        let (tx, seen) = mpsc::unbounded_channel();
+        let acceptor = tls.map(TlsAcceptor::from);
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (tx, acceptor, connection) = (tx.clone(), acceptor.clone(), n);
+                n += 1;
+                tokio::spawn(async move {
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(tcp).await {
+                                let sni = tls.get_ref().1.server_name().unwrap_or("").to_owned();
+                                serve_http(tls, connection, &sni, tx).await;
+                            }
+                        }
+                        None => serve_http(tcp, connection, "", tx).await,
+                    }
+                });
+            }
+        });
+        Origin { port, seen }
+    }
+
+    pub async fn next(&mut self) -> Seen {
+        tokio::time::timeout(PATIENCE, self.seen.recv()).await.expect("origin saw nothing").expect("origin")
+    }
+}
+
+async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    connection: usize,
+    sni: &str,
+    tx: mpsc::UnboundedSender<Seen>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = fill_until(&mut io, &mut buf, b"\r\n\r\n").await else { return };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let field = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+        };
+        let mut body = Vec::new();
+        if field("transfer-encoding").is_some() {
+            loop {
+                let Some(end) = fill_until(&mut io, &mut buf, b"\r\n").await else { return };
+                let line = String::from_utf8_lossy(&buf[..end - 2]).into_owned();
+                buf.drain(..end);
+                let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16).expect("chunk size");
+                if size == 0 {
+                    let Some(end) = fill_until(&mut io, &mut buf, b"\r\n").await else { return };
+                    buf.drain(..end);
+                    break;
+                }
+                if !fill_len(&mut io, &mut buf, size + 2).await {
+                    return;
+                }
+                body.extend_from_slice(&buf[..size]);
+                buf.drain(..size + 2);
+            }
+        } else if let Some(len) = field("content-length") {
+            let len: usize = len.parse().expect("length");
+            if !fill_len(&mut io, &mut buf, len).await {
+                return;
+            }
+            body = buf.drain(..len).collect();
+        }
+        let host = field("host").unwrap_or_default();
+        let first = head.lines().next().unwrap_or("").to_owned();
+        let answer = format!("{first} host={host} sni={sni} body={} connection={connection}\n", body.len());
+        let close = field("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        let _ = tx.send(Seen { connection, head, host, body });
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n{}\r\n{answer}",
+            answer.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if io.write_all(response.as_bytes()).await.is_err() || close {
+            let _ = io.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Reads until `buf` holds `marker`; the end of the marker's first match.
+async fn fill_until<S: AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>, marker: &[u8]) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(marker.len()).position(|w| w == marker) {
+            return Some(i + marker.len());
+        }
+        let mut chunk = [0u8; 8192];
+        match io.read(&mut chunk).await {
+            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+async fn fill_len<S: AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>, len: usize) -> bool {
+    while buf.len() < len {
+        let mut chunk = [0u8; 8192];
+        match io.read(&mut chunk).await {
+            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// A plain TCP upstream that keeps every byte of each connection and hands
@@ -308,8 +449,11 @@ pub struct Options {
     /// `["*.allowed.test"]`.
     pub allow: Option<String>,
     /// More listeners, verbatim YAML list items; `{echo}` and `{capture}`
-    /// stand for those upstreams' ports.
+    /// stand for those upstreams' ports (in `sections` too).
     pub listeners: String,
+    /// The pretend internet's certificates, when the test made them first
+    /// (to start its own upstreams before the gateway's config is written).
+    pub internet: Option<Internet>,
     /// Keep the config file as Kubernetes mounts a ConfigMap:
     /// `snigress.yaml -> ..data/snigress.yaml`, `..data -> ..v1`.
     pub configmap: bool,
@@ -351,7 +495,7 @@ impl Harness {
 
     pub async fn with(options: Options) -> Harness {
         let pki = Pki::mint();
-        let internet = Internet::new();
+        let internet = options.internet.clone().unwrap_or_else(Internet::new);
         let dns = Dns::start(ZONE).await;
         let echo = Echo::start(internet.server.clone()).await;
         let capture = Capture::start().await;
@@ -495,7 +639,7 @@ resolver:
 metrics:
   address: 127.0.0.1:0
 {metrics_extra}{sections}",
-        sections = options.sections,
+        sections = options.sections.replace("{echo}", &echo.to_string()).replace("{capture}", &capture.to_string()),
         extra_listeners =
             options.listeners.replace("{echo}", &echo.to_string()).replace("{capture}", &capture.to_string()),
     )

@@ -141,6 +141,8 @@ pub(super) struct ConnectionLabels {
     pub(super) source: Arc<str>,
     pub(super) decision: &'static str,
     pub(super) reason: &'static str,
+    /// The front: `tls`, `connect`, `http`, or `none` before one was chosen.
+    pub(super) protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
