@@ -1,6 +1,7 @@
 #!/bin/bash
 # Side-by-side load comparison of snigress with HAProxy, nginx (stream,
-# ssl_preread) and sniproxy, on loopback, on this machine, in one run.
+# ssl_preread) and sniproxy, and of its CONNECT front with Squid, on
+# loopback, on this machine, in one run.
 #
 #   bench/compare.sh                 # RUNS=3 DURATION=5 by default
 #   RUNS=5 DURATION=10 bench/compare.sh
@@ -37,6 +38,7 @@ need=""
 command -v haproxy >/dev/null || need="$need haproxy"
 command -v nginx >/dev/null || need="$need nginx-light libnginx-mod-stream"
 command -v sniproxy >/dev/null || need="$need sniproxy"
+command -v squid >/dev/null || need="$need squid"
 if [ -n "$need" ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need
 fi
@@ -70,6 +72,7 @@ DNS=$(cat "$work/dns.port"); UP=$(cat "$work/up.port")
 SN_MTLS=$(free_port); SN_PT=$(free_port); HA_MTLS=$(free_port); HA_PT=$(free_port)
 NG_MTLS=$(free_port); NG_PT=$(free_port); SP_PT=$(free_port)
 SB_MTLS=$(free_port); SB_PT=$(free_port); SN_PP=$(free_port)
+SN_CX=$(free_port); SQ=$(free_port)
 
 cat > "$work/snigress.yaml" <<YAML
 listeners:
@@ -81,6 +84,9 @@ listeners:
     mode: passthrough
     upstream_port: $UP
     proxy_protocol: {versions: [v2], trusted_sources: [127.0.0.0/8], identity: istio_tlv}
+  # An HTTP proxy for HTTPS_PROXY clients, against Squid.
+  - {name: connect, address: "127.0.0.1:$SN_CX", mode: passthrough, protocol: connect}
+connect: {allowed_ports: [$UP]}
 mtls: {cert: pki/gateway.pem, key: pki/gateway.key, client_ca: pki/ca.pem}
 policy: {allow: ["*.allowed.test"]}
 resolver: {nameservers: ["127.0.0.1:$DNS"], allow_cidrs: [127.0.0.0/8]}
@@ -91,7 +97,8 @@ YAML
 # The same config for the earlier build, on its own ports.
 # (Without the PROXY listener: an earlier build may not have it.)
 sed -e "s/127.0.0.1:$SN_MTLS/127.0.0.1:$SB_MTLS/" -e "s/127.0.0.1:$SN_PT/127.0.0.1:$SB_PT/" \
-    -e '/# As an Istio ambient/,/proxy_protocol:/d' "$work/snigress.yaml" > "$work/snigress-before.yaml"
+    -e '/# As an Istio ambient/,/proxy_protocol:/d' -e '/# An HTTP proxy/,/^connect:/d' \
+    "$work/snigress.yaml" > "$work/snigress-before.yaml"
 
 rules="  tcp-request inspect-delay 5s
   tcp-request content reject unless { req.ssl_hello_type 1 }
@@ -164,6 +171,35 @@ table bench {
 }
 CFG
 
+# Squid as an HTTPS_PROXY with an allowlist: CONNECT to *.allowed.test on
+# the upstream's port only, no cache, no access log (as snigress's goes to
+# /dev/null). It resolves from a hosts file: its DNS client talks to port 53
+# only (as sniproxy's), which gives it the cheaper lookup.
+mkdir -p "$work/squid" && chmod 777 "$work/squid"
+printf '127.0.0.1 bench.allowed.test\n' > "$work/squid/hosts"
+cat > "$work/squid.conf" <<CFG
+http_port 127.0.0.1:$SQ
+workers 2
+acl allowed_names dstdomain .allowed.test
+acl tunnel_ports port $UP
+acl CONNECT method CONNECT
+http_access deny !CONNECT
+http_access deny !tunnel_ports
+http_access allow allowed_names
+http_access deny all
+hosts_file $work/squid/hosts
+dns_nameservers 127.0.0.1
+cache deny all
+cache_mem 0 MB
+access_log none
+cache_log $work/squid/cache.log
+pid_filename $work/squid/squid.pid
+coredump_dir $work/squid
+max_filedescriptors 20000
+shutdown_lifetime 0 seconds
+cache_effective_user proxy
+CFG
+
 # Starts every proxy (again), fresh: memory measurements must not inherit
 # what an earlier measurement left in a process's allocator.
 start_proxies() {
@@ -171,31 +207,34 @@ start_proxies() {
     haproxy -db -f "$work/haproxy.cfg" & HA_PID=$!
     nginx -p "$work" -e "$work/nginx-error.log" -c "$work/nginx.conf" -g 'daemon off;' & NG_PID=$!
     sniproxy -f -c "$work/sniproxy.conf" & SP_PID=$!
-    pids+=("$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID")
+    squid --foreground -f "$work/squid.conf" & SQ_PID=$!
+    pids+=("$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" "$SQ_PID")
     SB_PID=""
     if [ -n "$BASELINE" ]; then
         SNIGRESS_LOG=warn "$BASELINE" run --config "$work/snigress-before.yaml" & SB_PID=$!
         pids+=("$SB_PID")
         wait_port "$SB_MTLS"; wait_port "$SB_PT"
     fi
-    for p in $SN_MTLS $SN_PT $SN_PP $HA_MTLS $HA_PT $NG_MTLS $NG_PT $SP_PT; do wait_port "$p"; done
-    # target name, address, proxy pid (empty: none), m for mTLS, p for a PROXY v2 header first
+    for p in $SN_MTLS $SN_PT $SN_PP $SN_CX $HA_MTLS $HA_PT $NG_MTLS $NG_PT $SP_PT $SQ; do wait_port "$p"; done
+    # target name, address, proxy pid (empty: none), m for mTLS, p for a PROXY v2 header first,
+    # c for an HTTP CONNECT first
     targets_pt="direct:127.0.0.1:$UP:: snigress:127.0.0.1:$SN_PT:$SN_PID: snigress-proxyv2:127.0.0.1:$SN_PP:$SN_PID:p haproxy:127.0.0.1:$HA_PT:$HA_PID: nginx:127.0.0.1:$NG_PT:$NG_PID: sniproxy:127.0.0.1:$SP_PT:$SP_PID:"
     targets_mtls="snigress:127.0.0.1:$SN_MTLS:$SN_PID:m haproxy:127.0.0.1:$HA_MTLS:$HA_PID:m nginx:127.0.0.1:$NG_MTLS:$NG_PID:m"
+    targets_connect="snigress:127.0.0.1:$SN_CX:$SN_PID:c squid:127.0.0.1:$SQ:$SQ_PID:c"
     if [ -n "$BASELINE" ]; then
         targets_pt="$targets_pt snigress-before:127.0.0.1:$SB_PT:$SB_PID:"
         targets_mtls="$targets_mtls snigress-before:127.0.0.1:$SB_MTLS:$SB_PID:m"
     fi
     if [ -n "$ONLY" ]; then
         keep() { local out=""; for t in $1; do case " $ONLY " in *" ${t%%:*} "*) out="$out $t" ;; esac; done; echo "$out"; }
-        targets_pt=$(keep "$targets_pt"); targets_mtls=$(keep "$targets_mtls")
+        targets_pt=$(keep "$targets_pt"); targets_mtls=$(keep "$targets_mtls"); targets_connect=$(keep "$targets_connect")
     fi
 }
 stop_proxies() {
-    kill -TERM "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" $SB_PID 2>/dev/null || true
+    kill -TERM "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" "$SQ_PID" $SB_PID 2>/dev/null || true
     sleep 0.2
     kill -TERM "$SN_PID" $SB_PID 2>/dev/null || true # a second signal: no drain
-    wait "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" $SB_PID 2>/dev/null || true
+    wait "$SN_PID" "$HA_PID" "$NG_PID" "$SP_PID" "$SQ_PID" $SB_PID 2>/dev/null || true
 }
 start_proxies
 
@@ -219,6 +258,7 @@ measure() { # scenario mode target addr pid mtlsflag -- loadgen args
     local extra=()
     [ "$flag" = m ] && extra=(--mtls "$PKI")
     [ "$flag" = p ] && extra=(--proxy-v2)
+    [ "$flag" = c ] && extra=(--connect "$UP")
     local before after out
     before=$(ticks "$pid")
     out=$("$LG" "$@" "${extra[@]}") || out='{"failed":true}'
@@ -239,9 +279,10 @@ latency_one() { measure latency "$1" "$2" "$3" "$4" "$5" latency "$3" "$DURATION
 streams_one() { measure "streams-$STREAMS" "$1" "$2" "$3" "$4" "$5" bulk "$3" "$BULK_BYTES" "$STREAMS"; }
 
 # Warm-up: one short pass over every target.
-for t in $targets_pt $targets_mtls; do
+for t in $targets_pt $targets_mtls $targets_connect; do
     IFS=: read -r name host port pid flag <<< "$t"
     extra=(); [ "$flag" = m ] && extra=(--mtls "$PKI"); [ "$flag" = p ] && extra=(--proxy-v2)
+    [ "$flag" = c ] && extra=(--connect "$UP")
     "$LG" rate "$host:$port" 1 4 "${extra[@]}" > /dev/null
 done
 
@@ -250,10 +291,13 @@ for run in $(seq "$RUNS"); do
     echo "== run $run of $RUNS" >&2
     each passthrough "$targets_pt" rate_one
     each mtls "$targets_mtls" rate_one
+    each connect "$targets_connect" rate_one
     each passthrough "$targets_pt" bulk_one
     each mtls "$targets_mtls" bulk_one
+    each connect "$targets_connect" bulk_one
     each passthrough "$targets_pt" latency_one
     each mtls "$targets_mtls" latency_one
+    each connect "$targets_connect" latency_one
     for STREAMS in $STREAM_COUNTS; do
         each passthrough "$targets_pt" streams_one
     done
@@ -262,16 +306,17 @@ done
 # Memory per idle established connection: each count and mode measured on
 # freshly started proxies.
 for count in $IDLE_COUNTS; do
-  for mode_targets in pt mtls; do
+  for mode_targets in pt mtls connect; do
     stop_proxies
     start_proxies
-    if [ "$mode_targets" = pt ]; then list=$targets_pt; else list=$targets_mtls; fi
+    case $mode_targets in pt) list=$targets_pt ;; mtls) list=$targets_mtls ;; *) list=$targets_connect ;; esac
     for t in $list; do
         IFS=: read -r name host port pid flag <<< "$t"
         [ -z "$pid" ] && continue
         mode=passthrough; extra=()
         [ "$flag" = m ] && { mode=mtls; extra=(--mtls "$PKI"); }
         [ "$flag" = p ] && extra=(--proxy-v2)
+        [ "$flag" = c ] && { mode=connect; extra=(--connect "$UP"); }
         before=$(rss_kib "$pid")
         fifo=$work/idle.fifo; rm -f "$fifo"; mkfifo "$fifo"
         "$LG" idle "$host:$port" "$count" "${extra[@]}" < "$fifo" > "$work/idle.out" & lg=$!

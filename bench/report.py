@@ -100,6 +100,8 @@ def main():
     # snigress behind a PROXY v2 header (as an ambient waypoint) against plain passthrough.
     table("passthrough", before + ["snigress-proxyv2", "haproxy", "nginx", "sniproxy"])
     table("mtls", before + ["haproxy", "nginx"])
+    # HTTPS_PROXY clients: CONNECT, then TLS inside the tunnel.
+    table("connect", ["squid"])
 
     counts = sorted({int(sc.split("-")[1]) for (sc, _, _) in rows if sc.startswith("streams-")})
     if counts:

@@ -11,7 +11,9 @@
 //!
 //! `--proxy-v2` sends a PROXY protocol v2 header first, as Istio's ztunnel
 //! does to an ambient waypoint (addresses and the caller's SPIFFE ID in
-//! TLV 0xD0).
+//! TLV 0xD0). `--connect PORT` goes through an HTTP proxy as an
+//! `HTTPS_PROXY` client does: `CONNECT bench.allowed.test:PORT`, the 200,
+//! then the TLS inside the tunnel.
 //!
 //! Every client connection is what a mesh application does: (outer mTLS to
 //! the proxy when --mtls), then its own TLS to bench.allowed.test through it,
@@ -46,6 +48,8 @@ fn main() -> Result<()> {
     let arg = |i: usize| args.get(i).cloned().ok_or_else(|| format!("missing argument {i}; see the module doc"));
     let mtls = args.iter().position(|a| a == "--mtls").and_then(|i| args.get(i + 1)).map(PathBuf::from);
     let proxy_v2 = args.iter().any(|a| a == "--proxy-v2");
+    let connect_port =
+        args.iter().position(|a| a == "--connect").and_then(|i| args.get(i + 1)).map(|p| p.parse::<u16>());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match arg(0)?.as_str() {
         "pki" => pki(Path::new(&arg(1)?)),
@@ -56,6 +60,10 @@ fn main() -> Result<()> {
             let mut client = Client::new(target, mtls.as_deref())?;
             if proxy_v2 {
                 client.header = ztunnel_header();
+            }
+            if let Some(port) = connect_port {
+                client.header = format!("CONNECT {NAME}:{} HTTP/1.1\r\nHost: {NAME}\r\n\r\n", port?).into_bytes();
+                client.connect = true;
             }
             let client = Arc::new(client);
             runtime.block_on(async {
@@ -173,8 +181,10 @@ struct Client {
     inner: TlsConnector,
     /// The outer mesh layer, when going through an mTLS listener.
     outer: Option<TlsConnector>,
-    /// Sent first on every connection (a PROXY header), or nothing.
+    /// Sent first on every connection (a PROXY header, a CONNECT), or nothing.
     header: Vec<u8>,
+    /// The header is a CONNECT: its 200 comes before the tunnel.
+    connect: bool,
 }
 
 /// A PROXY v2 header as ztunnel writes it: the app's address, a VIP, and
@@ -214,16 +224,37 @@ impl Client {
                 Some(TlsConnector::from(Arc::new(config)))
             }
         };
-        Ok(Client { target, inner: TlsConnector::from(Arc::new(inner)), outer, header: Vec::new() })
+        Ok(Client { target, inner: TlsConnector::from(Arc::new(inner)), outer, header: Vec::new(), connect: false })
+    }
+
+    /// What goes before the client's TLS: a PROXY header, or a CONNECT and
+    /// its answer (read to its end, not a byte more).
+    async fn preamble(&self, tcp: &mut TcpStream) -> Result<()> {
+        if self.header.is_empty() {
+            return Ok(());
+        }
+        tcp.write_all(&self.header).await?;
+        if self.connect {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if tcp.read(&mut byte).await? == 0 || head.len() > 4096 {
+                    return Err("the proxy closed before answering the CONNECT".into());
+                }
+                head.push(byte[0]);
+            }
+            if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
+                return Err(format!("CONNECT refused: {}", String::from_utf8_lossy(&head)).into());
+            }
+        }
+        Ok(())
     }
 
     /// One full connection asking for `bytes`; returns the bytes received.
     async fn fetch(&self, bytes: u64) -> Result<u64> {
         let mut tcp = TcpStream::connect(self.target).await?;
         tcp.set_nodelay(true)?;
-        if !self.header.is_empty() {
-            tcp.write_all(&self.header).await?;
-        }
+        self.preamble(&mut tcp).await?;
         match &self.outer {
             None => self.inner_fetch(tcp, bytes).await,
             Some(outer) => {
@@ -256,9 +287,7 @@ impl Client {
     /// Connects and sends the first flight, then holds the connection.
     async fn hold(&self) -> Result<Box<dyn std::any::Any + Send>> {
         let mut tcp = TcpStream::connect(self.target).await?;
-        if !self.header.is_empty() {
-            tcp.write_all(&self.header).await?;
-        }
+        self.preamble(&mut tcp).await?;
         let hello = |server: &str| -> Result<Vec<u8>> {
             let config = Arc::new(
                 ClientConfig::builder_with_provider(provider())

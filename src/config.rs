@@ -690,6 +690,52 @@ access_log: {path: access.log}
     }
 
     #[test]
+    fn fronts_and_their_ports() {
+        let listener = |extra: &str| {
+            let c =
+                parse(&format!("listeners:\n  - name: l\n    address: 127.0.0.1:1\n    mode: passthrough\n{extra}"));
+            c.expect("valid").listeners[0].clone()
+        };
+        let l = listener("");
+        assert_eq!((l.protocols, l.upstream_port, l.http_port), (crate::front::Protocols::TLS, 443, 80));
+        let l = listener("    protocol: http\n");
+        assert_eq!((l.protocols.names(), l.upstream_port, l.http_port), (vec!["http"], 80, 80));
+        let l = listener("    protocol: http\n    upstream_port: 8080\n");
+        assert_eq!((l.upstream_port, l.http_port), (8080, 8080));
+        let l = listener("    protocol: auto\n    http_upstream_port: 8080\n");
+        assert_eq!((l.protocols.names(), l.upstream_port, l.http_port), (vec!["tls", "connect", "http"], 443, 8080));
+        let l = listener("    protocol: [connect, http]\n");
+        assert_eq!((l.protocols.names(), l.http_port), (vec!["connect", "http"], 80));
+        assert_eq!(parse(MINIMAL).expect("valid").connect, ConnectSettings::default());
+        let c = parse(&format!(
+            "{MINIMAL}connect:\n  allowed_ports: [443, 25]\n  plaintext_ports: [25]\n  require_sni: false\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.connect,
+            ConnectSettings { allowed_ports: vec![443, 25], require_sni: false, plaintext_ports: vec![25] }
+        );
+
+        let base = "listeners:\n  - name: l\n    address: 127.0.0.1:1\n    mode: passthrough\n";
+        for (extra, line, wanted) in [
+            ("    protocol: quic\n", 5, "unknown protocol \"quic\""),
+            ("    protocol: [tls, auto]\n", 5, "auto stands alone"),
+            ("    protocol: [tls, tls]\n", 5, "tls is named twice"),
+            ("    protocol: []\n", 5, "at least one of tls, connect, http"),
+            ("    http_upstream_port: 81\n", 5, "no plain-HTTP front"),
+            ("    protocol: connect\n    original_destination: redirect\n", 6, "CONNECT does not apply"),
+            ("connect:\n  allowed_ports: []\n", 6, "connect.allowed_ports: at least one port"),
+            ("connect:\n  plaintext_ports: [25]\n", 6, "25 is not in connect.allowed_ports"),
+            ("connect:\n  allowed_ports: [0]\n", 6, "1-65535"),
+            ("connect:\n  ports: [443]\n", 6, "unknown field `ports`"),
+        ] {
+            let e = err(&format!("{base}{extra}"));
+            assert!(e.to_string().contains(wanted), "{extra:?}: {e}");
+            assert_eq!(e.pos.map(|p| p.line), Some(line), "{extra:?}: {e}");
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));

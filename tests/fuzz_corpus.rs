@@ -46,3 +46,8 @@ fn every_config_corpus_file_passes_the_fuzz_check() {
 fn every_proxy_header_corpus_file_passes_the_fuzz_check() {
     replay("proxy_header", 7, snigress::arrive::proxy::testing::check);
 }
+
+#[test]
+fn every_http_head_corpus_file_passes_the_fuzz_check() {
+    replay("http_head", 8, snigress::front::http::testing::check);
+}

@@ -47,6 +47,11 @@ async fn world(sections: &str) -> World {
     mode: passthrough
     protocol: [connect, http]
     http_upstream_port: {web}
+  - name: proxied
+    address: 127.0.0.1:0
+    mode: passthrough
+    protocol: connect
+    proxy_protocol: {{versions: [v1], trusted_sources: [127.0.0.0/8]}}
   - name: any
     address: 127.0.0.1:0
     mode: passthrough
@@ -338,6 +343,24 @@ async fn the_tunnelled_hello_must_name_the_connect_host() {
     let _ = within("close", read_all(&mut tcp)).await;
     let r = w.h.record().await;
     assert_eq!((r.reason, r.tunnel_sni), ("allowed", None));
+}
+
+#[tokio::test]
+async fn a_connect_behind_a_proxy_header_keeps_the_client_address() {
+    let mut w = world("").await;
+    let echo = w.h.echo.port;
+    let mut tcp = TcpStream::connect(w.h.addr("proxied")).await.expect("connect");
+    let request =
+        format!("PROXY TCP4 192.0.2.7 198.51.100.1 40000 3128\r\nCONNECT a.allowed.test:{echo} HTTP/1.1\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("send");
+    let mut got = vec![0u8; 39];
+    within("200", tcp.read_exact(&mut got)).await.expect("200");
+    assert_eq!(got, b"HTTP/1.1 200 Connection established\r\n\r\n");
+    let tls = w.h.inner(tcp, "a.allowed.test").await.expect("inner TLS");
+    assert_eq!(exchange(tls, b"hi").await.expect("echo"), b"hisni=a.allowed.test\n");
+    let r = w.h.record().await;
+    assert_eq!((r.arrival, r.protocol, r.reason), ("proxy_v1", Some("connect"), "allowed"));
+    assert_eq!(r.client_addr, "192.0.2.7:40000".parse().unwrap());
 }
 
 #[tokio::test]

@@ -461,3 +461,43 @@ mod tests {
         assert!(a.contains("\r\nConnection: close\r\n") && a.ends_with("\r\n\r\npolicy_denied\n"), "{a}");
     }
 }
+
+/// The fuzz target's check, shared with the corpus replay in `cargo test`.
+/// Not part of the release library.
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+    use crate::front::plain::Requests;
+
+    /// On any bytes: the head parser never panics and never claims more
+    /// than it was given or than a head may take; the request follower
+    /// lets through a prefix of its input (it never rewrites), the same
+    /// prefix and the same stop whatever pieces the input comes in.
+    pub fn check(data: &[u8]) {
+        if let Ok(Some(head)) = parse(data) {
+            assert!(head.len <= data.len() && head.len <= MAX_HEAD_BYTES);
+            assert_eq!(parse(&data[..head.len]), Ok(Some(head.clone())));
+            assert_eq!(parse(&data[..head.len - 1]), Ok(None));
+            let _ = request_host(&head);
+        }
+        let piece = data.first().map_or(1, |b| usize::from(*b % 17) + 1);
+        let first = parse(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n").ok().flatten().expect("a valid head");
+        let host = crate::name::ServerName::from_bytes(b"a.example").expect("a valid name");
+        let mut whole = Requests::after(&first, host.clone(), 80);
+        let mut whole_out = Vec::new();
+        let whole_stop = whole.feed(data, &mut whole_out).err();
+        let mut pieced = Requests::after(&first, host, 80);
+        let mut pieced_out = Vec::new();
+        let mut pieced_stop = None;
+        for chunk in data.chunks(piece) {
+            if let Err(stop) = pieced.feed(chunk, &mut pieced_out) {
+                pieced_stop = Some(stop);
+                break;
+            }
+        }
+        assert!(data.starts_with(&whole_out), "only a prefix of the input goes out");
+        assert_eq!(whole_out, pieced_out, "piece size {piece}");
+        assert_eq!(whole_stop, pieced_stop, "piece size {piece}");
+    }
+}

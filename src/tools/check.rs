@@ -27,11 +27,17 @@ pub fn validate(config: &Config, text: &str, source_name: &str, cert_files: bool
             crate::arrive::mtls::server_config(&settings).map_err(|e| config::locate(text, source_name, &e))?;
         }
     }
-    let listeners: Vec<String> = config
-        .listeners
-        .iter()
-        .map(|l| format!("{} ({} on {}, upstream port {})", l.name, l.mode.as_str(), l.address, l.upstream_port))
-        .collect();
+    let listeners: Vec<String> = config.listeners.iter().map(describe_listener).collect();
+    if config.listeners.iter().any(|l| l.protocols.connect) {
+        let c = &config.connect;
+        let _ = write!(
+            notes,
+            "; CONNECT to ports {:?}, tunnelled SNI {}, uninspected ports {:?}",
+            c.allowed_ports,
+            if c.require_sni { "required" } else { "optional" },
+            c.plaintext_ports
+        );
+    }
     Ok(format!(
         "config OK: listeners {}; policy: {} allow, {} deny, {} rules{notes}",
         listeners.join(", "),
@@ -39,6 +45,22 @@ pub fn validate(config: &Config, text: &str, source_name: &str, cert_files: bool
         config.policy.deny.len(),
         config.policy.rules.len()
     ))
+}
+
+/// A listener as `check` lists it: its fronts and where each goes.
+fn describe_listener(l: &config::Listener) -> String {
+    let p = l.protocols;
+    let mut ports = Vec::new();
+    if p.tls {
+        ports.push(format!("tls to port {}", l.upstream_port));
+    }
+    if p.connect {
+        ports.push("connect".to_owned());
+    }
+    if p.http {
+        ports.push(format!("http to port {}", l.http_port));
+    }
+    format!("{} ({} on {}: {})", l.name, l.mode.as_str(), l.address, ports.join(", "))
 }
 
 fn describe(m: &Match) -> String {
