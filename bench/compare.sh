@@ -175,6 +175,8 @@ CFG
 # the upstream's port only, no cache, no access log (as snigress's goes to
 # /dev/null). It resolves from a hosts file: its DNS client talks to port 53
 # only (as sniproxy's), which gives it the cheaper lookup.
+# (Its workers run as the proxy user: the work directory must be passable.)
+chmod 711 "$work"
 mkdir -p "$work/squid" && chmod 777 "$work/squid"
 printf '127.0.0.1 bench.allowed.test\n' > "$work/squid/hosts"
 cat > "$work/squid.conf" <<CFG

@@ -465,8 +465,12 @@ impl Pipeline<'_> {
         let ended = copy::copy(&mut guarded, &mut upstream, replay, idle, self.transfer).await;
         match guarded.stopped() {
             Some((stop, written)) => {
-                self.transfer.add_to_client(written.unwrap_or(0));
-                facts.http_status = Some(stop.status());
+                // Answered only if the relay got as far as closing the
+                // client's side (an upstream error ends it before).
+                if let Some(n) = written {
+                    self.transfer.add_to_client(n);
+                    facts.http_status = Some(stop.status());
+                }
                 facts.note = Some(stop.to_string());
                 match stop {
                     plain::Stop::Misdirected(_) => Termination::Misdirected,
