@@ -483,6 +483,53 @@ mod tests {
             (ConnError::ConnectionLimit, "connection_limit", "denied", "internal", "refused", None, 503),
             (ConnError::SourceLimit, "source_limit", "denied", "client", "refused", None, 429),
             (ConnError::FirstByteTimeout, "first_byte_timeout", "error", "client", "first_byte_timeout", None, 408),
+            (ConnError::UnknownProtocol(0), "unknown_protocol", "denied", "client", "refused", None, 400),
+            (
+                HeadReadError::Invalid(crate::front::http::HttpError::MissingHost).into(),
+                "http_invalid_host",
+                "denied",
+                "client",
+                "refused",
+                None,
+                400,
+            ),
+            (
+                HeadReadError::Timeout { after: Duration::from_secs(1), received: 3 }.into(),
+                "http_request_timeout",
+                "error",
+                "client",
+                "request_timeout",
+                None,
+                408,
+            ),
+            (
+                TargetError::Port { port: 22, allowed: "connect.allowed_ports" }.into(),
+                "port_not_allowed",
+                "denied",
+                "policy",
+                "refused",
+                None,
+                403,
+            ),
+            (
+                TargetError::IpLiteral("10.0.0.1".into()).into(),
+                "ip_literal_refused",
+                "denied",
+                "policy",
+                "refused",
+                None,
+                403,
+            ),
+            (
+                ConnError::SniMismatch { authority: "a".into(), sni: "b".into() },
+                "sni_mismatch",
+                "denied",
+                "policy",
+                "refused",
+                Some(alert::ACCESS_DENIED),
+                403,
+            ),
+            (ConnError::TunnelNotTls, "tunnel_not_tls", "denied", "client", "refused", None, 403),
             (ConnError::Evicted, "pending_evicted", "denied", "internal", "refused", None, 503),
             (
                 ArrivalError::UntrustedProxy([192, 0, 2, 1].into()).into(),
@@ -704,6 +751,26 @@ mod tests {
                 e.http_status(),
             );
             assert_eq!(got, (reason, decision, side, termination, alert, status), "{e:?}");
+            let proxy_status = e.proxy_status();
+            assert!(
+                proxy_status.starts_with("snigress; error=")
+                    && proxy_status.ends_with(&format!("; details=\"{reason}\""))
+            );
+        }
+    }
+
+    #[test]
+    fn proxy_status_names_the_rfc_9209_error_type() {
+        let cases: Vec<(ConnError, &str)> = vec![
+            (ConnError::Denied(None), "snigress; error=http_request_denied; details=\"policy_denied\""),
+            (ResolveError::NxDomain.into(), "snigress; error=dns_error; rcode=NXDOMAIN; details=\"dns_nxdomain\""),
+            (ResolveError::Timeout.into(), "snigress; error=dns_timeout; details=\"dns_timeout\""),
+            (connect_error(true).into(), "snigress; error=connection_timeout; details=\"connect_timeout\""),
+            (connect_error(false).into(), "snigress; error=connection_refused; details=\"connect_failed\""),
+            (ConnError::ConnectionLimit, "snigress; error=connection_limit_reached; details=\"connection_limit\""),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.proxy_status(), want);
         }
     }
 }
