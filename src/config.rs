@@ -145,13 +145,21 @@ pub struct ConnectSettings {
     pub allowed_ports: Vec<u16>,
     /// A tunnelled ClientHello must carry an SNI.
     pub require_sni: bool,
+    /// `CONNECT ip:port` is served: the tunnelled SNI is then the name
+    /// policy decides on, and it must resolve to that address.
+    pub allow_ip_literals: bool,
     /// Ports whose tunnels are not inspected (they may carry anything).
     pub plaintext_ports: Vec<u16>,
 }
 
 impl Default for ConnectSettings {
     fn default() -> ConnectSettings {
-        ConnectSettings { allowed_ports: vec![443], require_sni: true, plaintext_ports: Vec::new() }
+        ConnectSettings {
+            allowed_ports: vec![443],
+            require_sni: true,
+            allow_ip_literals: false,
+            plaintext_ports: Vec::new(),
+        }
     }
 }
 
@@ -713,7 +721,12 @@ access_log: {path: access.log}
         .expect("valid");
         assert_eq!(
             c.connect,
-            ConnectSettings { allowed_ports: vec![443, 25], require_sni: false, plaintext_ports: vec![25] }
+            ConnectSettings {
+                allowed_ports: vec![443, 25],
+                require_sni: false,
+                allow_ip_literals: false,
+                plaintext_ports: vec![25]
+            }
         );
 
         let base = "listeners:\n  - name: l\n    address: 127.0.0.1:1\n    mode: passthrough\n";

@@ -582,42 +582,29 @@ impl Pipeline<'_> {
         head: http::Head,
         facts: &mut Facts,
     ) -> Result<Ready, ConnError> {
-        let Snapshot { timeouts, limits, connect: settings, .. } = self.snapshot;
+        let settings = &self.snapshot.connect;
         facts.protocol = Some(Protocol::Connect);
         facts.connect_authority = Some(printable(head.target.as_bytes()));
-        let (name, port) = connect_front::target(&head, settings)?;
+        let (name, port) = match connect_front::target(&head, settings)? {
+            connect_front::Target::Name(name, port) => (name, port),
+            connect_front::Target::Address(addr) => {
+                return self.tunnel_to_address(client, read, head, addr, facts).await;
+            }
+        };
         facts.sni = Some(name.to_string());
         let destination = self.destination(name, port, facts);
         let upstream = self.reach(&destination, false, facts).await?;
-
-        let sent = async {
-            client.write_all(http::ESTABLISHED).await?;
-            client.flush().await
-        };
-        sent.await.map_err(HeadReadError::Io)?;
-        self.transfer.add_to_client(http::ESTABLISHED.len());
-        facts.http_status = Some(200);
-        // From here on the client speaks (or should speak) TLS.
-        facts.http_answer = false;
+        self.established(client, facts).await?;
 
         let mut replay = read.split_off(head.len);
         if settings.plaintext_ports.contains(&port) {
             return Ok(Ready { upstream, replay, http: None });
         }
-        let before = replay.len();
-        let hello = tls::read(client, &mut replay, limits.client_hello_bytes, timeouts.client_hello).await;
-        self.transfer.add_from_client(replay.len() - before);
-        let hello = match hello {
-            Err(tls::ReadError::Hello(HelloError::NotTls)) => return Err(ConnError::TunnelNotTls),
-            other => other?,
-        };
-        facts.ech = hello.ech;
-        self.metrics.hello(&self.listener.name, hello.len);
+        let hello = self.tunnel_hello(client, &mut replay, facts).await?;
         match hello.server_name.as_deref() {
             None if settings.require_sni => return Err(ConnError::NoSni),
             None => {}
             Some(raw) => {
-                facts.tunnel_sni = Some(printable(raw));
                 if ServerName::from_bytes(raw).ok().as_ref() != Some(&destination.name) {
                     return Err(ConnError::SniMismatch {
                         authority: destination.name.to_string(),
@@ -630,6 +617,85 @@ impl Pipeline<'_> {
             return Err(ConnError::Ech);
         }
         Ok(Ready { upstream, replay, http: None })
+    }
+
+    /// `CONNECT ip:port` (`connect.allow_ip_literals`): the address is
+    /// vetted before the 200; then the tunnelled SNI is the name policy
+    /// decides on, and it must resolve to that address, the only one
+    /// dialled (as `verify_destination: strict` on an intercepted
+    /// connection).
+    async fn tunnel_to_address<S: ClientStream>(
+        &self,
+        client: &mut S,
+        mut read: Vec<u8>,
+        head: http::Head,
+        addr: SocketAddr,
+        facts: &mut Facts,
+    ) -> Result<Ready, ConnError> {
+        facts.original_dst = Some(addr);
+        let ip = self
+            .snapshot
+            .resolver
+            .settings()
+            .vetting
+            .vet(addr.ip())
+            .map_err(|why| ConnError::Resolve(ResolveError::AllRefused(vec![(addr.ip(), why)])))?;
+        self.established(client, facts).await?;
+        let mut replay = read.split_off(head.len);
+        let hello = self.tunnel_hello(client, &mut replay, facts).await?;
+        let raw = hello.server_name.as_deref().ok_or(ConnError::NoSni)?;
+        let name = ServerName::from_bytes(raw).inspect_err(|_| facts.sni = Some(printable(raw)))?;
+        facts.sni = Some(name.to_string());
+        let destination =
+            Destination { name, port: addr.port(), identity: facts.principal.clone(), original: Some(addr) };
+        self.authorize(&destination, hello.ech, facts)?;
+        self.pending.settle();
+        let resolved = self.resolve(&destination.name).await?;
+        if !resolved.contains(&ip) {
+            return Err(ConnError::DestinationMismatch {
+                name: destination.name.to_string(),
+                original: Some(addr),
+                resolved,
+            });
+        }
+        let upstream = self.connect(&[ip], addr.port(), facts).await?;
+        Ok(Ready { upstream, replay, http: None })
+    }
+
+    /// Sends a CONNECT's `200`; from here on the client speaks (or should
+    /// speak) TLS, and a refusal is an alert.
+    async fn established<S: ClientStream>(&self, client: &mut S, facts: &mut Facts) -> Result<(), ConnError> {
+        let sent = async {
+            client.write_all(http::ESTABLISHED).await?;
+            client.flush().await
+        };
+        sent.await.map_err(HeadReadError::Io)?;
+        self.transfer.add_to_client(http::ESTABLISHED.len());
+        facts.http_status = Some(200);
+        facts.http_answer = false;
+        Ok(())
+    }
+
+    /// The ClientHello at the start of a CONNECT tunnel (after what came
+    /// with the head, in `replay`).
+    async fn tunnel_hello<S: ClientStream>(
+        &self,
+        client: &mut S,
+        replay: &mut Vec<u8>,
+        facts: &mut Facts,
+    ) -> Result<tls::Hello, ConnError> {
+        let Snapshot { timeouts, limits, .. } = self.snapshot;
+        let before = replay.len();
+        let hello = tls::read(client, replay, limits.client_hello_bytes, timeouts.client_hello).await;
+        self.transfer.add_from_client(replay.len() - before);
+        let hello = match hello {
+            Err(tls::ReadError::Hello(HelloError::NotTls)) => return Err(ConnError::TunnelNotTls),
+            other => other?,
+        };
+        facts.ech = hello.ech;
+        facts.tunnel_sni = hello.server_name.as_deref().map(printable);
+        self.metrics.hello(&self.listener.name, hello.len);
+        Ok(hello)
     }
 
     /// Where a front's name leads: an intercepted connection goes where it

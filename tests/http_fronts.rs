@@ -364,6 +364,40 @@ async fn a_connect_behind_a_proxy_header_keeps_the_client_address() {
 }
 
 #[tokio::test]
+async fn an_ip_literal_connect_is_decided_on_the_tunnelled_sni_when_allowed() {
+    // (Continues the connect: section.)
+    let mut w = world("  allow_ip_literals: true\n").await;
+    let proxy = w.h.addr("proxy");
+    let echo = w.h.echo.port;
+
+    // The SNI is the name; it resolves to the address asked for.
+    let tcp = tunnel(proxy, &format!("127.0.0.1:{echo}")).await;
+    let tls = w.h.inner(tcp, "a.allowed.test").await.expect("inner TLS");
+    assert_eq!(exchange(tls, b"ip").await.expect("echo"), b"ipsni=a.allowed.test\n");
+    let r = w.h.record().await;
+    assert_eq!((r.reason, r.sni.as_deref(), r.http_status), ("allowed", Some("a.allowed.test"), Some(200)));
+    assert_eq!(r.original_dst, Some(SocketAddr::from(([127, 0, 0, 1], echo))));
+
+    // A denied name behind an allowed address: refused after the 200.
+    let tcp = tunnel(proxy, &format!("127.0.0.1:{echo}")).await;
+    let e = w.h.inner(tcp, "blocked.allowed.test").await.expect_err("denied");
+    assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+    assert_eq!(w.h.record().await.reason, "policy_denied");
+
+    // An allowed name that does not resolve to that address.
+    let tcp = tunnel(proxy, &format!("127.0.0.1:{echo}")).await;
+    let e = w.h.inner(tcp, "closed.allowed.test").await.expect_err("mismatch");
+    assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+    assert_eq!(w.h.record().await.reason, "destination_mismatch");
+
+    // The address itself is vetted before the 200.
+    let answer = ask(proxy, format!("CONNECT 169.254.169.254:{echo} HTTP/1.1\r\n\r\n").as_bytes()).await;
+    let (status, ps, _) = parts(&answer);
+    assert_eq!((status, ps.contains("error=destination_ip_prohibited")), (403, true), "{answer}");
+    assert_eq!(w.h.record().await.reason, "address_refused");
+}
+
+#[tokio::test]
 async fn bytes_after_the_connect_head_are_replayed() {
     let mut w = world("").await;
     let echo = w.h.echo.port;

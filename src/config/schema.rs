@@ -122,6 +122,7 @@ impl<'de> Deserialize<'de> for RawProtocols {
 pub(super) struct RawConnect {
     pub allowed_ports: Spanned<Vec<u16>>,
     pub require_sni: bool,
+    pub allow_ip_literals: bool,
     pub plaintext_ports: Spanned<Vec<u16>>,
 }
 
@@ -131,6 +132,7 @@ impl Default for RawConnect {
         RawConnect {
             allowed_ports: unspanned(d.allowed_ports),
             require_sni: d.require_sni,
+            allow_ip_literals: d.allow_ip_literals,
             plaintext_ports: unspanned(d.plaintext_ports),
         }
     }

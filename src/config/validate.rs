@@ -257,6 +257,7 @@ fn connect(raw: Option<&Spanned<RawConnect>>, ctx: &Ctx<'_>) -> Result<ConnectSe
     Ok(ConnectSettings {
         allowed_ports: c.allowed_ports.value.clone(),
         require_sni: c.require_sni,
+        allow_ip_literals: c.allow_ip_literals,
         plaintext_ports: c.plaintext_ports.value.clone(),
     })
 }
