@@ -603,15 +603,10 @@ impl Pipeline<'_> {
         let hello = self.tunnel_hello(client, &mut replay, facts).await?;
         match hello.server_name.as_deref() {
             None if settings.require_sni => return Err(ConnError::NoSni),
-            None => {}
-            Some(raw) => {
-                if ServerName::from_bytes(raw).ok().as_ref() != Some(&destination.name) {
-                    return Err(ConnError::SniMismatch {
-                        authority: destination.name.to_string(),
-                        sni: printable(raw),
-                    });
-                }
+            Some(raw) if ServerName::from_bytes(raw).ok().as_ref() != Some(&destination.name) => {
+                return Err(ConnError::SniMismatch { authority: destination.name.to_string(), sni: printable(raw) });
             }
+            _ => {}
         }
         if hello.ech && self.snapshot.refuse_ech {
             return Err(ConnError::Ech);
