@@ -292,12 +292,12 @@ impl Drop for Recorder {
 }
 
 /// A connection ready to relay: its upstream, the bytes to replay, and,
-/// on the plain-HTTP front, the request stream to follow (with the bytes
-/// read after the first head).
+/// on the plain-HTTP front, the request stream to follow (and where
+/// following the bytes read with the first head stopped, if it did).
 struct Ready {
     upstream: TcpStream,
     replay: Vec<u8>,
-    http: Option<(Requests, Vec<u8>)>,
+    http: Option<(Requests, Option<plain::Stop>)>,
 }
 
 /// What the stages of one connection work with.
@@ -418,8 +418,8 @@ impl Pipeline<'_> {
                     self.listener.upstream_ends.as_ref().and_then(|ends| Some(ends.hold(upstream.local_addr().ok()?)));
                 let timeouts = &self.snapshot.timeouts;
                 let idle = IdleTimeouts { open: timeouts.idle, half_closed: timeouts.half_close };
-                if let Some((requests, leftover)) = http {
-                    return self.relay_requests(client, upstream, replay, requests, leftover, facts).await;
+                if let Some((requests, stop)) = http {
+                    return self.relay_requests(client, upstream, replay, requests, stop, facts).await;
                 }
                 let ended = match client.plain_tcp() {
                     Some(tcp) => Box::pin(splice::splice(tcp, &upstream, replay, idle, self.transfer)).await,
@@ -456,29 +456,32 @@ impl Pipeline<'_> {
         mut upstream: TcpStream,
         replay: Vec<u8>,
         requests: Requests,
-        leftover: Vec<u8>,
+        stop: Option<plain::Stop>,
         facts: &mut Facts,
     ) -> Termination {
         let timeouts = &self.snapshot.timeouts;
         let idle = IdleTimeouts { open: timeouts.idle, half_closed: timeouts.half_close };
-        let mut guarded = Guarded::new(client, requests, leftover);
+        let mut guarded = Guarded::new(client, requests, stop);
         let ended = copy::copy(&mut guarded, &mut upstream, replay, idle, self.transfer).await;
-        match guarded.stopped() {
-            Some((stop, written)) => {
-                // Answered only if the relay got as far as closing the
-                // client's side (an upstream error ends it before).
-                if let Some(n) = written {
-                    self.transfer.add_to_client(n);
-                    facts.http_status = Some(stop.status());
-                }
-                facts.note = Some(stop.to_string());
-                match stop {
-                    plain::Stop::Misdirected(_) => Termination::Misdirected,
-                    plain::Stop::Invalid(_) => Termination::RequestRefused,
-                }
-            }
-            None => ended.into(),
+        let Some((stop, written)) = guarded.stopped() else { return ended.into() };
+        let answered = written.is_some();
+        // Answered only if the relay got as far as closing the client's
+        // side (an upstream error ends it before).
+        if let Some(n) = written {
+            self.transfer.add_to_client(n);
+            facts.http_status = Some(stop.status());
         }
+        facts.note = Some(stop.to_string());
+        let termination = match stop {
+            plain::Stop::Misdirected(_) => Termination::Misdirected,
+            plain::Stop::Invalid(_) => Termination::RequestRefused,
+        };
+        if answered {
+            // What the client sent after the stop is read and dropped, so
+            // that closing does not reset the answer away.
+            Box::pin(linger(guarded.inner_mut(), self.transfer)).await;
+        }
+        termination
     }
 
     /// Everything before the first relayed byte: the front, the
@@ -568,9 +571,12 @@ impl Pipeline<'_> {
             return Err(TargetError::Port { port, allowed: "not the listener's plain-HTTP upstream port" }.into());
         }
         let upstream = self.reach(&destination, false, facts).await?;
+        // What came after the first head is followed now, and what may go
+        // upstream is replayed with it.
         let leftover = read.split_off(head.len);
-        let requests = Requests::after(&head, destination.name, destination.port);
-        Ok(Ready { upstream, replay: read, http: Some((requests, leftover)) })
+        let mut requests = Requests::after(&head, destination.name, destination.port);
+        let stop = requests.feed(&leftover, &mut read).err();
+        Ok(Ready { upstream, replay: read, http: Some((requests, stop)) })
     }
 
     /// The CONNECT front: policy on the request's target, the `200`, then
@@ -813,21 +819,28 @@ where
         client.shutdown().await
     };
     if tokio::time::timeout(REFUSAL_LINGER, send).await.is_ok_and(|r| r.is_ok()) {
-        let drain = async {
-            let mut sink = [0u8; 1024];
-            let mut total = 0;
-            while total < REFUSAL_DRAIN_BYTES {
-                match client.read(&mut sink).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        total += n;
-                        transfer.add_from_client(n);
-                    }
+        linger(&mut client, transfer).await;
+    }
+}
+
+/// After our side is closed: reads and drops what the client still sends,
+/// briefly and boundedly, so that closing the socket does not reset what
+/// was just written before the client read it. The bytes are counted.
+async fn linger<S: AsyncRead + Unpin>(client: &mut S, transfer: &Transfer) {
+    let drain = async {
+        let mut sink = [0u8; 1024];
+        let mut total = 0;
+        while total < REFUSAL_DRAIN_BYTES {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    total += n;
+                    transfer.add_from_client(n);
                 }
             }
-        };
-        let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
-    }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
 }
 
 #[cfg(test)]

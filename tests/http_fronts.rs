@@ -584,6 +584,7 @@ async fn plain_http_refusals_and_another_host_on_the_same_connection() {
     let r = w.h.record().await;
     assert_eq!((r.reason, r.http_status, r.termination), ("allowed", Some(421), "misdirected_request"));
     assert_eq!(r.bytes_to_client, raw.len() as u64);
+    assert_eq!(r.bytes_from_client, pipelined.len() as u64, "every byte counted once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,10 @@ use crate::name::{NameError, ServerName};
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Most header fields in one head.
 pub const MAX_HEADERS: usize = 64;
+/// Largest `Content-Length` (and chunk size, see `front::plain`) taken: an
+/// upstream that keeps sizes in 32 bits must not read a smaller one than
+/// the gateway follows.
+pub const MAX_BODY_LENGTH: u64 = u32::MAX as u64;
 
 /// Read size while collecting a head.
 const READ_CHUNK: usize = 2048;
@@ -158,6 +162,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     if len > MAX_HEAD_BYTES {
         return Err(HttpError::TooLarge);
     }
+    // Lines end in CRLF: a parser that also ends them at a bare LF (as
+    // httparse does) and one that does not would read different fields.
+    if buf[..len].iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r')) {
+        return Err(HttpError::Malformed("a line ends in a bare LF"));
+    }
     let (Some(method), Some(target), Some(minor)) = (request.method, request.path, request.version) else {
         return Err(HttpError::Malformed("incomplete request line"));
     };
@@ -172,6 +181,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, HttpError> {
                 .map(|v| v.trim_matches([' ', '\t']))
                 .map_err(|_| HttpError::Malformed("a Host or framing field is not ASCII"))
         };
+        // Servers that map '_' to '-' (CGI-style) would take these for
+        // framing fields the gateway did not follow.
+        let dashed = field.name.replace('_', "-");
+        if field.name.contains('_')
+            && ["content-length", "transfer-encoding", "host"].iter().any(|f| dashed.eq_ignore_ascii_case(f))
+        {
+            return Err(HttpError::Framing("a field name like Content-Length, Transfer-Encoding or Host with '_'"));
+        }
         if field.name.eq_ignore_ascii_case("host") {
             let value = text()?;
             if host.replace(value.to_owned()).is_some() {
@@ -185,7 +202,10 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, HttpError> {
             if value.is_empty() || value.len() > 18 || !value.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(HttpError::Framing("Content-Length is not a decimal number"));
             }
-            length = value.parse().ok();
+            length = value.parse().ok().filter(|n| *n <= MAX_BODY_LENGTH);
+            if length.is_none() {
+                return Err(HttpError::Framing("Content-Length over 4 GiB"));
+            }
         } else if field.name.eq_ignore_ascii_case("transfer-encoding") {
             let value = text()?;
             if chunked {
@@ -395,6 +415,11 @@ mod tests {
             ("GET / HTTP/1.1\r\nHost : a\r\n\r\n", "http_invalid"),
             ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", "http_invalid"),
             ("GET  / HTTP/1.1\r\nHost: a\r\n\r\n", "http_invalid"),
+            ("POST / HTTP/1.1\r\nHost: a\r\nX: y\nContent-Length: 36\r\n\r\n", "http_invalid"),
+            ("GET / HTTP/1.1\nHost: a\n\n", "http_invalid"),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\n\r\n", "http_bad_framing"),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\n\r\n", "http_bad_framing"),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4294967301\r\n\r\n", "http_bad_framing"),
         ] {
             let e = head(text).expect_err(text);
             assert_eq!(e.reason(), reason, "{text:?}: {e}");

@@ -19,8 +19,10 @@ use super::http::{self, Authority, Body, Head, HttpError};
 use crate::arrive::ClientStream;
 use crate::name::ServerName;
 
-/// Longest chunk-size line (size, extensions) or trailer section.
+/// Longest chunk-size line (size and extensions).
 const MAX_CHUNK_LINE: usize = 1024;
+/// Most hex digits of a chunk size: at most `http::MAX_BODY_LENGTH`.
+const MAX_CHUNK_DIGITS: usize = 8;
 /// Read size from the client once the connection relays.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -80,12 +82,9 @@ enum State {
     ChunkData(u64),
     /// The CRLF after a chunk's data: how many of its bytes were seen.
     ChunkEnd(u8),
-    /// In the trailer section: bytes so far, bytes in this line, CR seen.
-    Trailer {
-        total: usize,
-        line: usize,
-        cr: bool,
-    },
+    /// The CRLF after the last chunk: trailers are not forwarded (a
+    /// trailer line some upstream skips loosely could hide a request).
+    LastEnd(u8),
 }
 
 /// Follows the requests a client sends after its first one.
@@ -174,15 +173,15 @@ impl Requests {
         Ok(match self.state {
             State::ChunkSize { cr: true, .. } if b != b'\n' => return bad("CR without LF in a chunk-size line"),
             State::ChunkSize { cr: true, digits: 0, .. } => return bad("a chunk-size line without a size"),
-            State::ChunkSize { cr: true, size: 0, .. } => State::Trailer { total: 0, line: 0, cr: false },
+            State::ChunkSize { cr: true, size: 0, .. } => State::LastEnd(0),
             State::ChunkSize { cr: true, size, .. } => State::ChunkData(size),
             State::ChunkSize { line, .. } if line >= MAX_CHUNK_LINE => return bad("chunk-size line too long"),
             State::ChunkSize { line, digits, size, ext, .. } => match b {
                 b'\r' => State::ChunkSize { line: line + 1, digits, size, ext, cr: true },
                 b'\n' => return bad("bare LF in a chunk-size line"),
                 _ if !ext && b.is_ascii_hexdigit() => {
-                    if digits >= 15 {
-                        return bad("chunk size too large");
+                    if digits >= MAX_CHUNK_DIGITS {
+                        return bad("chunk size over 4 GiB");
                     }
                     let digit = u64::from((b as char).to_digit(16).unwrap_or(0));
                     State::ChunkSize { line: line + 1, digits: digits + 1, size: size * 16 + digit, ext, cr: false }
@@ -198,18 +197,10 @@ impl Requests {
             State::ChunkEnd(0) if b == b'\r' => State::ChunkEnd(1),
             State::ChunkEnd(1) if b == b'\n' => State::ChunkSize { line: 0, digits: 0, size: 0, ext: false, cr: false },
             State::ChunkEnd(_) => return bad("chunk data longer than its size"),
-            State::Trailer { total, .. } if total >= http::MAX_HEAD_BYTES => return bad("trailer section too large"),
-            State::Trailer { cr: true, .. } if b != b'\n' => {
-                return bad("CR without LF in the trailer section");
-            }
-            // An empty line ends the trailers, and the request.
-            State::Trailer { cr: true, line: 1, .. } => State::Head,
-            State::Trailer { cr: true, total, .. } => State::Trailer { total: total + 1, line: 0, cr: false },
-            State::Trailer { total, line, .. } => match b {
-                b'\r' => State::Trailer { total: total + 1, line: line + 1, cr: true },
-                b'\n' => return bad("bare LF in the trailer section"),
-                _ => State::Trailer { total: total + 1, line: line + 1, cr: false },
-            },
+            State::LastEnd(0) if b == b'\r' => State::LastEnd(1),
+            // The empty line after the last chunk ends the request.
+            State::LastEnd(1) if b == b'\n' => State::Head,
+            State::LastEnd(_) => return bad("a trailer section (trailers are not forwarded)"),
             State::Head | State::Body(_) | State::ChunkData(_) => self.state,
         })
     }
@@ -222,8 +213,6 @@ impl Requests {
 pub struct Guarded<S> {
     inner: S,
     requests: Requests,
-    /// Read from the client, not yet fed (the first read's leftovers).
-    raw: Vec<u8>,
     /// Let through, not yet handed to the relay: `out[pos..]`.
     out: Vec<u8>,
     pos: usize,
@@ -233,9 +222,9 @@ pub struct Guarded<S> {
 }
 
 impl<S> Guarded<S> {
-    /// `leftover`: bytes read after the first head, still to be followed.
-    pub fn new(inner: S, requests: Requests, leftover: Vec<u8>) -> Guarded<S> {
-        Guarded { inner, requests, raw: leftover, out: Vec::new(), pos: 0, stop: None, answer: None }
+    /// `stop`: where following what came with the first request stopped.
+    pub fn new(inner: S, requests: Requests, stop: Option<Stop>) -> Guarded<S> {
+        Guarded { inner, requests, out: Vec::new(), pos: 0, stop, answer: None }
     }
 
     /// Why the client's stream was ended early, and the answer's size once
@@ -245,8 +234,8 @@ impl<S> Guarded<S> {
         self.stop.as_ref().map(|s| (s, written))
     }
 
-    pub fn into_inner(self) -> S {
-        self.inner
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
     }
 
     /// Feeds `input`; a stop is kept for the answer.
@@ -273,11 +262,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             if this.stop.is_some() {
                 // End of the client's stream, as far as the upstream knows.
                 return Poll::Ready(Ok(()));
-            }
-            if !this.raw.is_empty() {
-                let raw = std::mem::take(&mut this.raw);
-                this.follow(&raw);
-                continue;
             }
             let mut chunk = vec![0u8; READ_CHUNK];
             let mut read = ReadBuf::new(&mut chunk);
@@ -359,7 +343,7 @@ mod tests {
     fn same_host_requests_go_through_whole_in_any_pieces() {
         let rest = "GET /b HTTP/1.1\r\nHost: A.EXAMPLE:80\r\n\r\n\
                     POST /c HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n\
-                    5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n\
+                    5;ext=1\r\nhello\r\n0000000a\r\n0123456789\r\n0\r\n\r\n\
                     GET http://a.example/d HTTP/1.1\r\nHost: a.example\r\n\r\n";
         for step in [1, 2, 3, 7, 64, 4096] {
             let (out, stop) = follow(FIRST, rest, step);
@@ -397,9 +381,16 @@ mod tests {
     #[test]
     fn bad_chunk_framing_stops() {
         let first = "POST / HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n";
-        for body in
-            ["5\nhello\r\n", "5\r\nhelloX\r\n", "zz\r\n", "\r\n", "1234567890123456\r\n", "5\rx", "0\r\nX: y\nZ"]
-        {
+        for body in [
+            "5\nhello\r\n",
+            "5\r\nhelloX\r\n",
+            "zz\r\n",
+            "\r\n",
+            "100000005\r\n",
+            "5\rx",
+            "0\r\nX: y\r\n\r\n",
+            "0\r\n\n",
+        ] {
             let (_, stop) = follow(first, body, 1);
             assert_eq!(stop.as_ref().map(Stop::reason), Some("http_bad_framing"), "{body:?}");
         }
