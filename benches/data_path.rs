@@ -102,6 +102,7 @@ fn access_record(c: &mut Criterion) {
         side: None,
         matched_rule: Some("*.wikipedia.org".into()),
         upstream_addr: Some("185.15.59.224:443".parse().expect("addr")),
+        route: None,
         http_status: None,
         bytes_from_client: 1790,
         bytes_to_client: 84211,

@@ -55,7 +55,8 @@ pub enum Command {
     /// Validate a config file; optionally show the decision for a name.
     ///
     /// Checks the YAML, every value, and the certificate files. With --sni,
-    /// prints the decision for that name, the pattern that decided and why.
+    /// prints the decision for that name, the pattern that decided and why,
+    /// and the route an allowed connection would leave by.
     /// Exits 0 when the config is valid (whatever the decision), 64 when not.
     Check {
         #[arg(long, short, value_name = "FILE")]
@@ -66,6 +67,12 @@ pub enum Command {
         /// The caller's SPIFFE ID (spiffe://<trust-domain>/ns/<ns>/sa/<sa>), for per-identity rules.
         #[arg(long, value_name = "SPIFFE_ID", requires = "sni")]
         principal: Option<String>,
+        /// The client's address, for routes that match on sources.
+        #[arg(long, value_name = "IP", requires = "sni")]
+        source: Option<std::net::IpAddr>,
+        /// The listener the connection arrives on, for routes that match on listeners.
+        #[arg(long, value_name = "NAME", requires = "sni")]
+        listener: Option<String>,
         /// Check everything but the certificate files themselves (for a
         /// config whose files exist only where it is deployed, e.g. in CI).
         #[arg(long)]

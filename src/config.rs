@@ -293,6 +293,8 @@ pub struct Config {
     pub connect: ConnectSettings,
     /// Refuse inner ClientHellos that carry encrypted_client_hello.
     pub refuse_ech: bool,
+    /// How allowed connections leave (none: all direct).
+    pub routes: crate::route::Routes,
 }
 
 /// Largest config accepted: far above any real one (10 000 patterns are

@@ -23,7 +23,7 @@ use crate::arrive::proxy;
 use crate::arrive::transparent::original_destination;
 use crate::arrive::{ArrivalError, ClientStream};
 use crate::config::{Listener, Mode, ProxyIdentity, VerifyDestination};
-use crate::connect::{Budget, connect};
+use crate::connect::{Budget, Dial, connect};
 use crate::destination::Destination;
 use crate::error::{ConnError, Decision, Termination, alert_name};
 use crate::front::http::ReadError as HeadReadError;
@@ -38,6 +38,7 @@ use crate::observe::metrics::{ActiveGuard, ConnectResult, ConnectionKey, DnsResu
 use crate::policy::Decision as Verdict;
 use crate::relay::{IdleTimeouts, Transfer, copy, splice};
 use crate::resolve::ResolveError;
+use crate::route;
 use crate::state::{Process, Snapshot};
 
 /// Bounds the wait for a refused client to take its alert: the alert is a
@@ -108,6 +109,11 @@ struct Facts {
     note: Option<String>,
     matched_rule: Option<String>,
     upstream_addr: Option<SocketAddr>,
+    /// The route taken, when one fitted.
+    route: Option<String>,
+    /// The local address the client connected to (a PROXY header out names
+    /// it when there is no original destination).
+    local_addr: Option<SocketAddr>,
     /// Metric labels, once the name and the decision are known.
     key: Option<ConnectionKey>,
     /// Bytes are being relayed (the connection was allowed and connected).
@@ -269,6 +275,7 @@ impl Recorder {
             side,
             matched_rule: facts.matched_rule.take(),
             upstream_addr: facts.upstream_addr,
+            route: facts.route.take(),
             http_status: facts.http_status,
             bytes_from_client: self.transfer.bytes_from_client(),
             bytes_to_client: self.transfer.bytes_to_client(),
@@ -332,6 +339,7 @@ impl Pipeline<'_> {
     /// Returns with the client's own bytes next on the socket.
     async fn arrive_tcp(&self, tcp: &mut TcpStream, facts: &mut Facts) -> Result<(), ConnError> {
         let listener = self.listener;
+        facts.local_addr = tcp.local_addr().ok();
         if listener.config.proxy_protocol.is_some() && !listener.trusts_proxy(self.peer.ip()) {
             // Never parsed: a header from anyone else would be a lie.
             return Err(ArrivalError::UntrustedProxy(self.peer.ip()).into());
@@ -659,7 +667,7 @@ impl Pipeline<'_> {
                 resolved,
             });
         }
-        let upstream = self.connect(&[ip], addr.port(), facts).await?;
+        let upstream = self.leave(&destination, Some(ip), facts).await?;
         Ok(Ready { upstream, replay, http: None })
     }
 
@@ -710,13 +718,118 @@ impl Pipeline<'_> {
     }
 
     /// From a destination to an open upstream connection: policy, then
-    /// resolution, vetting and the connect.
+    /// the way out.
     async fn reach(&self, destination: &Destination, ech: bool, facts: &mut Facts) -> Result<TcpStream, ConnError> {
         self.authorize(destination, ech, facts)?;
         self.pending.settle();
-        let addrs = self.resolve(&destination.name).await?;
-        let addrs = self.verify(destination, addrs)?;
-        self.connect(&addrs, destination.port, facts).await
+        self.leave(destination, None, facts).await
+    }
+
+    /// The route stage: the first route that fits says how an allowed
+    /// connection leaves; without one, or on a direct route, the
+    /// destination's resolved and vetted addresses (or `fixed`, an address
+    /// already checked) are dialled.
+    async fn leave(
+        &self,
+        destination: &Destination,
+        fixed: Option<std::net::IpAddr>,
+        facts: &mut Facts,
+    ) -> Result<TcpStream, ConnError> {
+        let source = facts.client_addr.unwrap_or(self.peer);
+        let by = route::Facts {
+            name: &destination.name,
+            principal: destination.identity.as_ref(),
+            source: source.ip(),
+            listener: &self.listener.name,
+        };
+        let route = self.snapshot.routes.pick(&by);
+        facts.route = route.map(|r| r.name.clone());
+        let mark = route.and_then(|r| r.mark).or(self.listener.config.upstream_mark);
+        let upstream = match route.map(|r| &r.action) {
+            Some(route::Action::NextHop { hops, proxy_protocol, allow_cidrs }) => {
+                let addrs = self.hops(hops, allow_cidrs).await?;
+                let mut upstream = self.connect(&addrs, Dial { mark, ..Dial::default() }, facts).await?;
+                if let Some(version) = proxy_protocol {
+                    let to = facts.original_dst.or(facts.local_addr).unwrap_or(source);
+                    let header = route::proxy_header(*version, source, to);
+                    if let Err(e) = upstream.write_all(&header).await {
+                        let addr = facts.upstream_addr.unwrap_or(source);
+                        let attempts = vec![crate::connect::Attempt { addr, error: Some(e) }];
+                        return Err(crate::connect::ConnectError { attempts, budget_spent: false }.into());
+                    }
+                }
+                upstream
+            }
+            direct => {
+                let (bind, freebind) = match direct {
+                    Some(route::Action::Direct { bind, freebind }) => (*bind, *freebind),
+                    _ => (None, false),
+                };
+                let addrs = match fixed {
+                    Some(ip) => vec![ip],
+                    None => {
+                        let addrs = self.resolve(&destination.name).await?;
+                        self.verify(destination, addrs)?
+                    }
+                };
+                let addrs: Vec<SocketAddr> =
+                    addrs.into_iter().map(|ip| SocketAddr::new(ip, destination.port)).collect();
+                self.connect(&addrs, Dial { mark, bind, freebind }, facts).await?
+            }
+        };
+        if let Some(route) = route {
+            self.metrics.routed(&route.name);
+        }
+        Ok(upstream)
+    }
+
+    /// A route's next hops, in order: IP literals as written, names
+    /// resolved; every address vetted as a destination's is, except for the
+    /// route's own `allow_cidrs` (a next hop is often inside).
+    async fn hops(&self, hops: &[route::Hop], allow_cidrs: &[ipnet::IpNet]) -> Result<Vec<SocketAddr>, ConnError> {
+        let vetting = &self.snapshot.resolver.settings().vetting;
+        let excepted = |ip: std::net::IpAddr, why: &str| {
+            why != "deny_cidrs" && allow_cidrs.iter().any(|n| n.contains(&ip.to_canonical()))
+        };
+        let mut addrs = Vec::new();
+        let mut failed = None;
+        for hop in hops {
+            let ips = match &hop.host {
+                route::HopHost::Ip(ip) => match vetting.vet(*ip) {
+                    Ok(ip) => vec![ip],
+                    Err(why) if excepted(*ip, why) => vec![*ip],
+                    Err(why) => {
+                        failed = Some(ResolveError::AllRefused(vec![(*ip, why)]));
+                        continue;
+                    }
+                },
+                route::HopHost::Name(name) => match self.snapshot.resolver.resolve(name).await {
+                    Ok(r) => {
+                        let mut ips = r.addrs.clone();
+                        ips.extend(r.refused.iter().filter(|(ip, why)| excepted(*ip, why)).map(|(ip, _)| *ip));
+                        ips
+                    }
+                    Err(ResolveError::AllRefused(refused)) => {
+                        let ips: Vec<_> =
+                            refused.iter().filter(|(ip, why)| excepted(*ip, why)).map(|(ip, _)| *ip).collect();
+                        if ips.is_empty() {
+                            failed = Some(ResolveError::AllRefused(refused));
+                        }
+                        ips
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        continue;
+                    }
+                },
+            };
+            addrs.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, hop.port)));
+        }
+        match (addrs.is_empty(), failed) {
+            (true, Some(e)) => Err(e.into()),
+            (true, None) => Err(ResolveError::NoAddresses.into()),
+            _ => Ok(addrs),
+        }
     }
 
     /// Policy: whether this caller may reach this name. From here on the
@@ -784,11 +897,11 @@ impl Pipeline<'_> {
     }
 
     /// The upstream connection, within the connect budget.
-    async fn connect(&self, addrs: &[std::net::IpAddr], port: u16, facts: &mut Facts) -> Result<TcpStream, ConnError> {
+    async fn connect(&self, addrs: &[SocketAddr], dial: Dial, facts: &mut Facts) -> Result<TcpStream, ConnError> {
         let timeouts = &self.snapshot.timeouts;
         let budget = Budget { per_attempt: timeouts.connect, total: timeouts.connect_total };
         let dialled = Instant::now();
-        match connect(addrs, port, budget, self.listener.config.upstream_mark).await {
+        match connect(addrs, budget, dial).await {
             Ok((upstream, addr)) => {
                 self.metrics.connect(ConnectResult::Ok, dialled.elapsed());
                 facts.upstream_addr = Some(addr);

@@ -81,21 +81,29 @@ impl ConnectError {
     }
 }
 
+/// How the upstream sockets are made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dial {
+    /// `SO_MARK` (so interception rules can let them pass).
+    pub mark: Option<u32>,
+    /// The source address (a route's `bind`).
+    pub bind: Option<IpAddr>,
+    /// `IP_FREEBIND` with `bind`.
+    pub freebind: bool,
+}
+
 /// Connects to the first address that accepts (of the first
-/// [`MAX_ATTEMPTS`]), within `budget`; `mark` is set as the sockets'
-/// `SO_MARK` (so interception rules can let them pass).
+/// [`MAX_ATTEMPTS`]), within `budget`, with sockets made as `dial` says.
 pub async fn connect(
-    addrs: &[IpAddr],
-    port: u16,
+    addrs: &[SocketAddr],
     budget: Budget,
-    mark: Option<u32>,
+    dial: Dial,
 ) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let deadline = Instant::now() + budget.total;
     let mut attempts = Vec::new();
-    for ip in addrs.iter().take(MAX_ATTEMPTS) {
-        let addr = SocketAddr::new(*ip, port);
+    for addr in addrs.iter().copied().take(MAX_ATTEMPTS) {
         let until = deadline.min(Instant::now() + budget.per_attempt);
-        match tokio::time::timeout_at(until, dial(addr, mark)).await {
+        match tokio::time::timeout_at(until, open(addr, dial)).await {
             Ok(Ok(stream)) => {
                 crate::net::tune(&stream);
                 return Ok((stream, addr));
@@ -111,9 +119,28 @@ pub async fn connect(
     Err(ConnectError { attempts, budget_spent: false })
 }
 
-async fn dial(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
-    let Some(mark) = mark else { return TcpStream::connect(addr).await };
+async fn open(addr: SocketAddr, dial: Dial) -> io::Result<TcpStream> {
+    if dial == Dial::default() {
+        return TcpStream::connect(addr).await;
+    }
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
-    socket2::SockRef::from(&socket).set_mark(mark)?;
+    if let Some(mark) = dial.mark {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    if let Some(ip) = dial.bind {
+        if ip.is_ipv4() != addr.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("the route binds {ip}, which cannot reach {addr} (another address family)"),
+            ));
+        }
+        if dial.freebind {
+            socket2::SockRef::from(&socket).set_freebind_v4(true)?;
+            if ip.is_ipv6() {
+                socket2::SockRef::from(&socket).set_freebind_v6(true)?;
+            }
+        }
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
     socket.connect(addr).await
 }

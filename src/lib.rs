@@ -55,5 +55,6 @@ pub mod observe;
 pub mod policy;
 pub mod relay;
 pub mod resolve;
+pub mod route;
 pub mod state;
 pub mod tools;

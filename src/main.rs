@@ -40,8 +40,9 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config } => run(&config),
-        Command::Check { config, sni, principal, skip_cert_files } => {
-            check_cmd(&config, sni.as_deref(), principal.as_deref(), !skip_cert_files)
+        Command::Check { config, sni, principal, source, listener, skip_cert_files } => {
+            let at = check::At { source, listener: listener.as_deref() };
+            check_cmd(&config, sni.as_deref(), principal.as_deref(), at, !skip_cert_files)
         }
         Command::Certs { out, clients, gateway_id, server_names, force } => {
             certs(&out, &clients, &gateway_id, server_names, force)
@@ -114,7 +115,7 @@ fn load(path: &Path) -> Result<(String, Config), ExitCode> {
     Ok((text, config))
 }
 
-fn check_cmd(path: &Path, sni: Option<&str>, principal: Option<&str>, cert_files: bool) -> ExitCode {
+fn check_cmd(path: &Path, sni: Option<&str>, principal: Option<&str>, at: check::At<'_>, cert_files: bool) -> ExitCode {
     let (text, config) = match load(path) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -134,7 +135,7 @@ fn check_cmd(path: &Path, sni: Option<&str>, principal: Option<&str>, cert_files
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        print!("{}", check::explain(&config, sni, principal.as_ref()));
+        print!("{}", check::explain(&config, sni, principal.as_ref(), at));
     }
     ExitCode::SUCCESS
 }

@@ -52,8 +52,8 @@ impl Pattern {
     }
 
     /// Whether this single pattern matches `name`: the reference the trie's
-    /// answers are tested against (not used on the data path).
-    #[cfg(any(test, feature = "test-util"))]
+    /// answers are tested against, and a route's name match (a route has a
+    /// few patterns; policy, with thousands, uses the trie).
     pub fn matches(&self, name: &ServerName) -> bool {
         if !self.wildcard {
             return self.name == *name;
@@ -102,7 +102,7 @@ impl Selector {
         self.principals.is_empty() && self.namespaces.is_empty() && self.service_accounts.is_empty()
     }
 
-    fn selects(&self, p: &Principal) -> bool {
+    pub(crate) fn selects(&self, p: &Principal) -> bool {
         if self.principals.contains(p.without_scheme()) {
             return true;
         }

@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub(crate) refuse_ech: bool,
     /// What CONNECT clients may ask for.
     pub(crate) connect: crate::config::ConnectSettings,
+    /// How allowed connections leave.
+    pub(crate) routes: crate::route::Routes,
 }
 
 /// Why a gateway could not start, or a reload could not be applied.
@@ -73,6 +75,7 @@ impl Snapshot {
             limits: config.limits,
             refuse_ech: config.refuse_ech,
             connect: config.connect.clone(),
+            routes: config.routes.clone(),
         })
     }
 

@@ -430,3 +430,27 @@ async fn refusals_are_all_in_the_access_log_and_few_in_the_diagnostics() {
     assert_eq!(accounted, REFUSED as u64 + 1);
     assert!(lines <= 2 + burst.as_secs(), "{lines} lines for {} refusals in {burst:?}", REFUSED + 1);
 }
+
+#[test]
+fn check_names_the_route_an_allowed_name_leaves_by() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "routes.yaml",
+        "listeners:\n  - {name: l, address: 127.0.0.1:0, mode: passthrough}\npolicy:\n  allow: [\"*.example.com\"]\nroutes:\n  - name: split\n    match: {sources: [10.0.0.0/8]}\n    next_hop: [\"gw1.internal:8443\", \"10.9.9.9:8443\"]\n    proxy_protocol: v2\n  - name: partner-ip\n    match: {names: [api.example.com]}\n    bind: 203.0.113.7\n    mark: 7\n",
+    );
+    let route = |args: &[&str]| {
+        let mut all = vec!["check", "--config", &config];
+        all.extend_from_slice(args);
+        let out = snigress(&all);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).lines().find_map(|l| l.strip_prefix("route: ").map(str::to_owned)).unwrap_or_default()
+    };
+    assert_eq!(
+        route(&["--sni", "api.example.com", "--source", "10.1.2.3"]),
+        "split (next hop gw1.internal:8443 then 10.9.9.9:8443, PROXY v2 first)"
+    );
+    assert_eq!(route(&["--sni", "api.example.com"]), "partner-ip (direct from 203.0.113.7, mark 7)");
+    assert_eq!(route(&["--sni", "www.example.com"]), "(none: direct to the name's addresses)");
+    assert_eq!(route(&["--sni", "denied.test"]), "", "a denied name leaves by no route");
+}

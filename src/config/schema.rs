@@ -45,6 +45,39 @@ pub(super) struct RawConfig {
     pub shutdown: RawShutdown,
     #[serde(default)]
     pub connect: Option<Spanned<RawConnect>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub name: Spanned<String>,
+    #[serde(default, rename = "match")]
+    pub when: RawRouteMatch,
+    #[serde(default)]
+    pub bind: Option<Spanned<Parsed<IpAddr>>>,
+    #[serde(default)]
+    pub freebind: bool,
+    #[serde(default)]
+    pub mark: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub next_hop: Option<Spanned<OneOrMany>>,
+    #[serde(default)]
+    pub proxy_protocol: Option<Spanned<ProxyVersion>>,
+    #[serde(default)]
+    pub allow_cidrs: Option<Spanned<Vec<Parsed<Cidr>>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRouteMatch {
+    pub principals: Vec<Parsed<PrincipalSelector>>,
+    pub namespaces: Vec<Spanned<String>>,
+    pub service_accounts: Vec<Spanned<String>>,
+    pub sources: Vec<Parsed<Cidr>>,
+    pub names: Vec<Parsed<Pattern>>,
+    pub listeners: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -54,7 +87,7 @@ pub(super) struct RawListener {
     pub address: Spanned<Parsed<Address>>,
     pub mode: Spanned<Mode>,
     #[serde(default)]
-    pub protocol: Option<Spanned<RawProtocols>>,
+    pub protocol: Option<Spanned<OneOrMany>>,
     #[serde(default)]
     pub upstream_port: Option<Spanned<u16>>,
     #[serde(default)]
@@ -90,27 +123,27 @@ pub(super) enum ProxyVersion {
     V2,
 }
 
-/// `protocol:` as written: one name (`tls`, `connect`, `http`, `auto`) or a
-/// list of the first three.
-pub(super) struct RawProtocols(pub Vec<String>);
+/// One string or a list of them (`protocol: auto`, `protocol: [tls,
+/// http]`; `next_hop: a:1` or a list).
+pub(super) struct OneOrMany(pub Vec<String>);
 
-impl<'de> Deserialize<'de> for RawProtocols {
+impl<'de> Deserialize<'de> for OneOrMany {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = RawProtocols;
+            type Value = OneOrMany;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("tls, connect, http, auto, or a list of tls, connect and http")
+                f.write_str("a string or a list of strings")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawProtocols, E> {
-                Ok(RawProtocols(vec![v.to_owned()]))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
             }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawProtocols, A::Error> {
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
                 let mut names = Vec::new();
                 while let Some(name) = seq.next_element::<String>()? {
                     names.push(name);
                 }
-                Ok(RawProtocols(names))
+                Ok(OneOrMany(names))
             }
         }
         d.deserialize_any(V)

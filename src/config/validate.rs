@@ -47,6 +47,7 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigEr
     let limits = limits(&raw.limits, ctx)?;
     let metrics = metrics(&raw.metrics, &listeners, ctx)?;
     let connect = connect(raw.connect.as_ref(), ctx)?;
+    let routes = routes(raw.routes, &listeners, ctx)?;
     let shutdown =
         Shutdown { grace_period: raw.shutdown.grace_period.value.0, drain_timeout: raw.shutdown.drain_timeout.value.0 };
     let access_log = match raw.access_log.path.as_deref() {
@@ -65,6 +66,7 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigEr
         shutdown,
         refuse_ech,
         connect,
+        routes,
     })
 }
 
@@ -206,7 +208,7 @@ fn listeners(raw: &RawConfig, ctx: &Ctx<'_>) -> Result<Vec<Listener>, ConfigErro
 }
 
 /// `protocol:`: one front, `auto` (all three), or a list.
-fn protocols(p: &Spanned<RawProtocols>, key: &str, ctx: &Ctx<'_>) -> Result<crate::front::Protocols, ConfigError> {
+fn protocols(p: &Spanned<OneOrMany>, key: &str, ctx: &Ctx<'_>) -> Result<crate::front::Protocols, ConfigError> {
     let mut out = crate::front::Protocols { tls: false, connect: false, http: false };
     if p.value.0.is_empty() {
         return Err(ctx.at(p, format!("{key}: name at least one of tls, connect, http")));
@@ -405,29 +407,7 @@ fn policy(raw: RawPolicy, ctx: &Ctx<'_>) -> Result<PolicySpec, ConfigError> {
         if !rule_names.insert(name.clone()) {
             return Err(ctx.error(pos, format!("policy.rules[{i}]: the name {name:?} is used by another rule")));
         }
-        let mut from = Selector { principals: r.principals.into_iter().map(|p| p.0.0).collect(), ..Default::default() };
-        for ns in &r.namespaces {
-            if !is_k8s_name(&ns.value) {
-                return Err(ctx.at(ns, format!("policy.rules[{i}].namespaces: {:?} is not a namespace name", ns.value)));
-            }
-            from.namespaces.insert(ns.value.clone());
-        }
-        for sa in &r.service_accounts {
-            match sa.value.split_once('/') {
-                Some((ns, name)) if is_k8s_name(ns) && is_k8s_name(name) => {
-                    from.service_accounts.insert((ns.to_owned(), name.to_owned()));
-                }
-                _ => {
-                    return Err(ctx.at(
-                        sa,
-                        format!(
-                            "policy.rules[{i}].service_accounts: {:?} must be namespace/name, as in payments/checkout",
-                            sa.value
-                        ),
-                    ));
-                }
-            }
-        }
+        let from = selector(r.principals, &r.namespaces, &r.service_accounts, &format!("policy.rules[{i}]"), ctx)?;
         if from.is_empty() {
             return Err(ctx.error(
                 pos,
@@ -591,4 +571,127 @@ fn metrics(m: &RawMetrics, listeners: &[Listener], ctx: &Ctx<'_>) -> Result<Metr
         },
         istio_compatible: m.istio_compatible,
     })
+}
+
+/// Callers selected by SPIFFE ID, namespace or `namespace/service-account`
+/// (`key` names the rule or route in errors).
+fn selector(
+    principals: Vec<Parsed<PrincipalSelector>>,
+    namespaces: &[Spanned<String>],
+    service_accounts: &[Spanned<String>],
+    key: &str,
+    ctx: &Ctx<'_>,
+) -> Result<Selector, ConfigError> {
+    let mut from = Selector { principals: principals.into_iter().map(|p| p.0.0).collect(), ..Default::default() };
+    for ns in namespaces {
+        if !is_k8s_name(&ns.value) {
+            return Err(ctx.at(ns, format!("{key}.namespaces: {:?} is not a namespace name", ns.value)));
+        }
+        from.namespaces.insert(ns.value.clone());
+    }
+    for sa in service_accounts {
+        match sa.value.split_once('/') {
+            Some((ns, name)) if is_k8s_name(ns) && is_k8s_name(name) => {
+                from.service_accounts.insert((ns.to_owned(), name.to_owned()));
+            }
+            _ => {
+                return Err(ctx.at(
+                    sa,
+                    format!("{key}.service_accounts: {:?} must be namespace/name, as in payments/checkout", sa.value),
+                ));
+            }
+        }
+    }
+    Ok(from)
+}
+
+/// `routes:`: how allowed connections leave, first match wins.
+fn routes(
+    raw: Vec<Spanned<RawRoute>>,
+    listeners: &[Listener],
+    ctx: &Ctx<'_>,
+) -> Result<crate::route::Routes, ConfigError> {
+    use crate::route::{Action, ProxyOut, Route, RouteMatch, Routes};
+    let mut out = Vec::new();
+    let mut names = HashSet::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let r = r.value;
+        let key = format!("routes[{i}]");
+        let name = r.name.value.clone();
+        let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        if !ok {
+            return Err(ctx.at(&r.name, format!("{key}.name: {name:?} must be letters, digits, '-', '_', '.' or '/'")));
+        }
+        if !names.insert(name.clone()) {
+            return Err(ctx.at(&r.name, format!("{key}.name: {name:?} is used by another route")));
+        }
+        let m = r.when;
+        for l in &m.listeners {
+            if !listeners.iter().any(|x| x.name == l.value) {
+                return Err(ctx.at(l, format!("{key}.match.listeners: there is no listener {:?}", l.value)));
+            }
+        }
+        let when = RouteMatch {
+            from: selector(m.principals, &m.namespaces, &m.service_accounts, &format!("{key}.match"), ctx)?,
+            sources: m.sources.into_iter().map(|c| c.0.0).collect(),
+            names: m.names.into_iter().map(|p| p.0).collect(),
+            listeners: m.listeners.into_iter().map(|l| l.value).collect(),
+        };
+        let mark = match r.mark {
+            Some(m) if m.value == 0 => {
+                return Err(ctx.at(&m, format!("{key}.mark: 0 means no mark; use 1-4294967295 or leave it out")));
+            }
+            m => m.map(|m| m.value),
+        };
+        let action = match r.next_hop {
+            Some(hops) => {
+                if let Some(b) = &r.bind {
+                    return Err(ctx.at(b, format!("{key}.bind: bind is for direct routes, not next_hop ones")));
+                }
+                if hops.value.0.is_empty() {
+                    return Err(ctx.at(&hops, format!("{key}.next_hop: name at least one host:port")));
+                }
+                let mut parsed = Vec::new();
+                for h in &hops.value.0 {
+                    parsed.push(hop(h).map_err(|e| ctx.at(&hops, format!("{key}.next_hop: {e}")))?);
+                }
+                let proxy_protocol = r.proxy_protocol.map(|p| match p.value {
+                    ProxyVersion::V1 => ProxyOut::V1,
+                    ProxyVersion::V2 => ProxyOut::V2,
+                });
+                let allow_cidrs =
+                    r.allow_cidrs.map(|l| l.value.into_iter().map(|c| c.0.0).collect()).unwrap_or_default();
+                Action::NextHop { hops: parsed, proxy_protocol, allow_cidrs }
+            }
+            None => {
+                if let Some(p) = &r.proxy_protocol {
+                    return Err(ctx.at(p, format!("{key}.proxy_protocol: only a next_hop route announces the client")));
+                }
+                if let Some(c) = &r.allow_cidrs {
+                    return Err(ctx.at(c, format!("{key}.allow_cidrs: exceptions for next hops; this route has none")));
+                }
+                Action::Direct { bind: r.bind.map(|b| b.value.0), freebind: r.freebind }
+            }
+        };
+        out.push(Route { name, when, action, mark });
+    }
+    Ok(Routes(out))
+}
+
+/// A next hop, `host:port`: an IP literal (`[v6]:port` for IPv6) or a name.
+fn hop(text: &str) -> Result<crate::route::Hop, String> {
+    use crate::route::{Hop, HopHost};
+    if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+        return match addr.port() {
+            0 => Err(format!("{text:?}: the port must be 1-65535")),
+            port => Ok(Hop { host: HopHost::Ip(addr.ip()), port }),
+        };
+    }
+    let (host, port) = text.rsplit_once(':').ok_or_else(|| format!("{text:?} is not host:port"))?;
+    let port = match port.parse::<u16>() {
+        Ok(p @ 1..) => p,
+        _ => return Err(format!("{text:?}: the port must be 1-65535")),
+    };
+    let name = crate::name::ServerName::from_bytes(host.as_bytes()).map_err(|e| format!("{text:?}: {e}"))?;
+    Ok(Hop { host: HopHost::Name(name), port })
 }

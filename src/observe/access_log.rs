@@ -62,8 +62,10 @@ pub struct Record {
     pub side: Option<&'static str>,
     /// The pattern that decided (`rule-name:pattern` for per-identity rules).
     pub matched_rule: Option<String>,
-    /// The address dialled (or last tried).
+    /// The address dialled (or last tried): a next hop's on a next-hop route.
     pub upstream_addr: Option<SocketAddr>,
+    /// The route that said how the connection left (`routes[].name`).
+    pub route: Option<String>,
     /// The status of the HTTP answer the gateway itself sent (HTTP fronts:
     /// a CONNECT's 200, a refusal, a 421); absent when it sent none.
     pub http_status: Option<u16>,
@@ -306,6 +308,7 @@ mod tests {
             side: Some("client"),
             matched_rule: None,
             upstream_addr: None,
+            route: None,
             http_status: None,
             bytes_from_client: 0,
             bytes_to_client: 0,

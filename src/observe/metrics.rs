@@ -51,6 +51,7 @@ pub struct Metrics {
     connect_duration: Histogram,
     handshake_failures: Family<HandshakeLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
+    routed: Family<RouteLabels, Counter>,
     cert_expiry: Gauge,
     open_fds: Gauge,
     resident_memory: Gauge,
@@ -220,6 +221,12 @@ impl Metrics {
                 r,
                 "outer_handshake_failures",
                 "Outer mTLS handshakes that failed, by listener and reason",
+                Family::default(),
+            ),
+            routed: register(
+                r,
+                "routed_connections",
+                "Upstream connections opened by a route, by route (connections no route fitted are not counted)",
                 Family::default(),
             ),
             alerts: register(
@@ -435,6 +442,12 @@ impl Metrics {
     }
 
     /// A fatal alert sent to a refused client; `name` is its description.
+    /// A route opened an upstream connection. (Route names come from the
+    /// config: bounded.)
+    pub(crate) fn routed(&self, route: &str) {
+        self.routed.get_or_create(&RouteLabels { route: route.to_owned() }).inc();
+    }
+
     pub(crate) fn alert_sent(&self, name: &'static str) {
         self.alerts.get_or_create(&AlertLabels { alert: name }).inc();
     }

@@ -47,6 +47,31 @@ pub fn validate(config: &Config, text: &str, source_name: &str, cert_files: bool
     ))
 }
 
+/// The route `name` would leave by, and how.
+fn describe_route(config: &Config, name: &ServerName, principal: Option<&Principal>, at: At<'_>) -> String {
+    use crate::route::{Action, Facts};
+    let source = at.source.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let facts = Facts { name, principal, source, listener: at.listener.unwrap_or("") };
+    let Some(route) = config.routes.pick(&facts) else {
+        return "(none: direct to the name's addresses)".to_owned();
+    };
+    let how = match &route.action {
+        Action::Direct { bind: Some(ip), .. } => format!("direct from {ip}"),
+        Action::Direct { .. } => "direct".to_owned(),
+        Action::NextHop { hops, proxy_protocol, .. } => {
+            let hops: Vec<String> = hops.iter().map(ToString::to_string).collect();
+            let header = match proxy_protocol {
+                Some(crate::route::ProxyOut::V1) => ", PROXY v1 first",
+                Some(crate::route::ProxyOut::V2) => ", PROXY v2 first",
+                None => "",
+            };
+            format!("next hop {}{header}", hops.join(" then "))
+        }
+    };
+    let mark = route.mark.map(|m| format!(", mark {m}")).unwrap_or_default();
+    format!("{} ({how}{mark})", route.name)
+}
+
 /// A listener as `check` lists it: its fronts and where each goes.
 fn describe_listener(l: &config::Listener) -> String {
     let p = l.protocols;
@@ -71,8 +96,16 @@ fn describe(m: &Match) -> String {
     format!("{} {:?} ({scope})", m.action.as_str(), &*m.pattern)
 }
 
-/// The decision for `sni` (and `principal`), as lines of `key: value`.
-pub fn explain(config: &Config, sni: &str, principal: Option<&Principal>) -> String {
+/// Where a connection comes from, for routes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct At<'a> {
+    pub source: Option<std::net::IpAddr>,
+    pub listener: Option<&'a str>,
+}
+
+/// The decision for `sni` (and `principal`), as lines of `key: value`,
+/// and the route it would leave by when allowed.
+pub fn explain(config: &Config, sni: &str, principal: Option<&Principal>, at: At<'_>) -> String {
     let mut out = String::new();
     let who = principal.map_or("(none)".to_owned(), |p| p.uri().to_owned());
     let name = match ServerName::parse(sni) {
@@ -102,6 +135,9 @@ pub fn explain(config: &Config, sni: &str, principal: Option<&Principal>) -> Str
     };
     let reason = if decision == "allowed" { "allowed" } else { "policy_denied" };
     let _ = writeln!(out, "decision: {decision}\nreason: {reason}\nmatched_rule: {matched}\nwhy: {why}");
+    if decision == "allowed" {
+        let _ = writeln!(out, "route: {}", describe_route(config, &name, principal, at));
+    }
     if name.as_str() != sni {
         let _ = writeln!(out, "note: sent as {sni:?}; compared lower-case, trailing dot removed");
     }

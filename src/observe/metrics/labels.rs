@@ -179,6 +179,11 @@ pub(super) struct VersionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct RouteLabels {
+    pub(super) route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct AlertLabels {
     pub(super) alert: &'static str,
 }
