@@ -760,6 +760,22 @@ impl Pipeline<'_> {
                 }
                 upstream
             }
+            Some(route::Action::HttpProxy { proxy, authorization, allow_cidrs }) => {
+                let addrs = self.hops(std::slice::from_ref(proxy), allow_cidrs).await?;
+                let mut upstream = self.connect(&addrs, Dial { mark, ..Dial::default() }, facts).await?;
+                let authority = format!("{}:{}", destination.name, destination.port);
+                let asked = route::open_tunnel(&mut upstream, &authority, authorization.as_ref());
+                let budget = self.snapshot.timeouts.connect_total;
+                match tokio::time::timeout(budget, asked).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => {
+                        let proxy = facts.upstream_addr.unwrap_or(source);
+                        return Err(route::UpstreamProxyError::Timeout { proxy }.into());
+                    }
+                }
+                upstream
+            }
             direct => {
                 let (bind, freebind) = match direct {
                     Some(route::Action::Direct { bind, freebind }) => (*bind, *freebind),

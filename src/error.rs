@@ -162,6 +162,8 @@ pub enum ConnError {
     DestinationMismatch { name: String, original: Option<SocketAddr>, resolved: Vec<IpAddr> },
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    #[error(transparent)]
+    UpstreamProxy(#[from] crate::route::UpstreamProxyError),
     #[error("ended by timeouts.max_lifetime before its data path was set up")]
     MaxLifetime,
     #[error("ended by the drain before its data path was set up")]
@@ -199,6 +201,7 @@ impl ConnError {
             ConnError::Resolve(e) => e.reason(),
             ConnError::DestinationMismatch { .. } => "destination_mismatch",
             ConnError::Connect(e) => e.reason(),
+            ConnError::UpstreamProxy(e) => e.reason(),
             ConnError::MaxLifetime => "max_lifetime",
             ConnError::Shutdown => "shutdown",
             ConnError::Internal(_) => "internal_error",
@@ -222,7 +225,7 @@ impl ConnError {
             | ConnError::Ech
             | ConnError::Resolve(ResolveError::AllRefused(_))
             | ConnError::DestinationMismatch { .. } => Side::Policy,
-            ConnError::Resolve(_) | ConnError::Connect(_) => Side::Upstream,
+            ConnError::Resolve(_) | ConnError::Connect(_) | ConnError::UpstreamProxy(_) => Side::Upstream,
             ConnError::ConnectionLimit | ConnError::MaxLifetime | ConnError::Shutdown | ConnError::Internal(_) => {
                 Side::Internal
             }
@@ -262,6 +265,7 @@ impl ConnError {
             | ConnError::FirstByteTimeout
             | ConnError::Resolve(_)
             | ConnError::Connect(_)
+            | ConnError::UpstreamProxy(_)
             | ConnError::MaxLifetime
             | ConnError::Shutdown
             | ConnError::Internal(_) => Decision::Error,
@@ -310,9 +314,12 @@ impl ConnError {
             ConnError::Hello(ReadError::Hello(HelloError::TooLarge(_) | HelloError::Invalid(_))) => {
                 Some(alert::DECODE_ERROR)
             }
-            ConnError::Resolve(ResolveError::Timeout | ResolveError::Failed(_)) | ConnError::Connect(_) => {
-                Some(alert::INTERNAL_ERROR)
+            ConnError::UpstreamProxy(crate::route::UpstreamProxyError::Refused { status: 403 | 407, .. }) => {
+                Some(alert::ACCESS_DENIED)
             }
+            ConnError::Resolve(ResolveError::Timeout | ResolveError::Failed(_))
+            | ConnError::Connect(_)
+            | ConnError::UpstreamProxy(_) => Some(alert::INTERNAL_ERROR),
             ConnError::Internal(_) => Some(alert::INTERNAL_ERROR),
             ConnError::Hello(ReadError::Hello(HelloError::NotTls) | ReadError::Timeout { .. })
             | ConnError::Hello(ReadError::Closed { .. } | ReadError::Io(_))
@@ -353,6 +360,8 @@ impl ConnError {
             // connection_timeout / connection_refused
             ConnError::Connect(e) if e.timed_out() => 504,
             ConnError::Connect(_) => 502,
+            ConnError::UpstreamProxy(crate::route::UpstreamProxyError::Timeout { .. }) => 504,
+            ConnError::UpstreamProxy(_) => 502,
             ConnError::NoSni | ConnError::InvalidSni(_) | ConnError::Hello(ReadError::Hello(_)) => 400,
             ConnError::UnknownProtocol(_) => 400,
             ConnError::Request(HeadReadError::Invalid(e)) | ConnError::Target(TargetError::Http(e)) => e.status(),
@@ -387,6 +396,8 @@ impl ConnError {
             ConnError::Connect(e) if e.timed_out() => "connection_timeout",
             ConnError::Connect(e) if e.refused() => "connection_refused",
             ConnError::Connect(_) => "destination_unavailable",
+            ConnError::UpstreamProxy(crate::route::UpstreamProxyError::Timeout { .. }) => "connection_timeout",
+            ConnError::UpstreamProxy(_) => "destination_unavailable",
             ConnError::Arrival(ArrivalError::OriginalDestination(
                 OriginalDstError::Loop(_) | OriginalDstError::CameBack(_),
             )) => "proxy_loop_detected",
@@ -430,7 +441,7 @@ impl ConnError {
             | ConnError::Arrival(ArrivalError::UntrustedProxy(_) | ArrivalError::OriginalDestination(_)) => "UAEX",
             ConnError::Resolve(ResolveError::NxDomain | ResolveError::NoAddresses) => "NR",
             ConnError::Resolve(ResolveError::Timeout | ResolveError::Failed(_)) => "DF",
-            ConnError::Connect(_) => "UF",
+            ConnError::Connect(_) | ConnError::UpstreamProxy(_) => "UF",
             ConnError::ConnectionLimit | ConnError::SourceLimit | ConnError::Evicted => "UO",
             ConnError::NoSni
             | ConnError::InvalidSni(_)
@@ -530,6 +541,26 @@ mod tests {
                 403,
             ),
             (ConnError::TunnelNotTls, "tunnel_not_tls", "denied", "client", "refused", None, 403),
+            (
+                crate::route::UpstreamProxyError::Refused { proxy: "192.0.2.9:3128".parse().unwrap(), status: 407 }
+                    .into(),
+                "upstream_proxy_denied",
+                "error",
+                "upstream",
+                "refused",
+                Some(alert::ACCESS_DENIED),
+                502,
+            ),
+            (
+                crate::route::UpstreamProxyError::Refused { proxy: "192.0.2.9:3128".parse().unwrap(), status: 503 }
+                    .into(),
+                "upstream_proxy_failed",
+                "error",
+                "upstream",
+                "refused",
+                Some(alert::INTERNAL_ERROR),
+                502,
+            ),
             (ConnError::Evicted, "pending_evicted", "denied", "internal", "refused", None, 503),
             (
                 ArrivalError::UntrustedProxy([192, 0, 2, 1].into()).into(),

@@ -70,6 +70,94 @@ pub enum Action {
     /// Dial these instead, in order, and replay the client's bytes
     /// unchanged (the SNI travels inside).
     NextHop { hops: Vec<Hop>, proxy_protocol: Option<ProxyOut>, allow_cidrs: Vec<IpNet> },
+    /// Through an HTTP proxy: `CONNECT name:port`, a 2xx, then the
+    /// client's bytes unchanged.
+    HttpProxy { proxy: Hop, authorization: Option<Secret>, allow_cidrs: Vec<IpNet> },
+}
+
+/// A `Proxy-Authorization` value: never printed, never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Why an upstream HTTP proxy did not open the tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamProxyError {
+    #[error("the upstream proxy {proxy} answered {status} to the CONNECT")]
+    Refused { proxy: SocketAddr, status: u16 },
+    #[error("the upstream proxy {proxy} sent no valid answer to the CONNECT: {why}")]
+    Invalid { proxy: SocketAddr, why: String },
+    #[error("no answer from the upstream proxy {proxy} within the connect budget")]
+    Timeout { proxy: SocketAddr },
+}
+
+impl UpstreamProxyError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpstreamProxyError::Refused { status: 403 | 407, .. } => "upstream_proxy_denied",
+            _ => "upstream_proxy_failed",
+        }
+    }
+}
+
+/// Most bytes an upstream proxy's answer head may take.
+const MAX_ANSWER: usize = 8 * 1024;
+
+/// Asks the proxy on `tcp` for a tunnel to `authority` and reads its
+/// answer head exactly (what follows it is the destination's, for the
+/// client): peeked, then only the head's bytes are consumed.
+pub async fn open_tunnel(
+    tcp: &mut tokio::net::TcpStream,
+    authority: &str,
+    authorization: Option<&Secret>,
+) -> Result<(), UpstreamProxyError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = tcp.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let invalid = |why: String| UpstreamProxyError::Invalid { proxy, why };
+    let mut request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+    if let Some(secret) = authorization {
+        request.push_str(&format!("Proxy-Authorization: {}\r\n", secret.0));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await.map_err(|e| invalid(e.to_string()))?;
+    let mut head = Vec::new();
+    let mut peeked = vec![0u8; MAX_ANSWER];
+    loop {
+        let n = tcp.peek(&mut peeked).await.map_err(|e| invalid(e.to_string()))?;
+        if n == 0 {
+            return Err(invalid("it closed the connection".into()));
+        }
+        let mut all = head.clone();
+        all.extend_from_slice(&peeked[..n]);
+        let end = all.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+        let take = match end {
+            Some(end) => end - head.len(),
+            None if all.len() >= MAX_ANSWER => return Err(invalid(format!("an answer head over {MAX_ANSWER} bytes"))),
+            None => n,
+        };
+        let mut chunk = vec![0u8; take];
+        tcp.read_exact(&mut chunk).await.map_err(|e| invalid(e.to_string()))?;
+        head.extend_from_slice(&chunk);
+        if end.is_some() {
+            break;
+        }
+    }
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut fields);
+    match response.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(invalid("a malformed answer head".into())),
+    }
+    match response.code {
+        Some(200..=299) => Ok(()),
+        Some(status) => Err(UpstreamProxyError::Refused { proxy, status }),
+        None => Err(invalid("no status".into())),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -147,6 +147,13 @@ async fn a_route_names_a_listener_that_exists_and_one_action() {
         ("  - {name: r, next_hop: []}\n", "at least one host:port"),
         ("  - {name: r}\n  - {name: r}\n", "used by another route"),
         ("  - {name: r, mark: 0}\n", "0 means no mark"),
+        ("  - {name: r, http_proxy: \"p.example:3128\", next_hop: \"gw.example:443\"}\n", "not both"),
+        ("  - {name: r, proxy_auth_file: /nonexistent}\n", "this route has none"),
+        (
+            "  - {name: r, http_proxy: \"p.example:3128\", proxy_auth_file: /nonexistent/auth}\n",
+            "cannot read /nonexistent/auth",
+        ),
+        ("  - {name: r, http_proxy: \"p.example\"}\n", "not host:port"),
     ] {
         let e = Config::parse(&format!("{base}{route}"), "t.yaml", std::path::Path::new(".")).expect_err(route);
         assert!(e.to_string().contains(wanted), "{route}: {e}");
@@ -154,4 +161,143 @@ async fn a_route_names_a_listener_that_exists_and_one_action() {
     let ok = "  - {name: r, match: {sources: [10.0.0.0/8], names: [\"*.example.com\"]}, next_hop: [\"[2001:db8::1]:8443\", \"gw.example:8443\"], proxy_protocol: v1}\n";
     let c = Config::parse(&format!("{base}{ok}"), "t.yaml", std::path::Path::new(".")).expect("valid");
     assert_eq!(c.routes.0.len(), 1);
+}
+
+/// A real Squid on loopback, for chaining: CONNECT to names under
+/// `.allowed.test` (from a hosts file) except `b.allowed.test`, with Basic
+/// credentials `alice:s3cret-pw` required.
+struct Squid {
+    port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Squid {
+    async fn start() -> Option<Squid> {
+        use std::os::unix::fs::PermissionsExt;
+        use std::process::{Command, Stdio};
+        if Command::new("squid").arg("-v").output().is_err() {
+            assert!(std::env::var_os("SNIGRESS_REQUIRE_TOOLS").is_none(), "squid is required here");
+            eprintln!("skipped: squid is not installed");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Squid's workers drop to the proxy user when started as root.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let d = dir.path().display();
+        let hash = Command::new("openssl").args(["passwd", "-1", "s3cret-pw"]).output().expect("openssl passwd");
+        let hash = String::from_utf8(hash.stdout).expect("hash");
+        std::fs::write(dir.path().join("passwd"), format!("alice:{}", hash.trim())).expect("passwd");
+        std::fs::write(dir.path().join("hosts"), "127.0.0.1 a.allowed.test b.allowed.test\n").expect("hosts");
+        let port = TcpListener::bind("127.0.0.1:0").await.expect("probe").local_addr().expect("port").port();
+        let user = if is_root() { "cache_effective_user proxy\n" } else { "" };
+        let config = format!(
+            "http_port 127.0.0.1:{port}
+pid_filename {d}/squid.pid
+cache_log {d}/cache.log
+access_log {d}/access.log
+coredump_dir {d}
+cache deny all
+cache_mem 0 MB
+hosts_file {d}/hosts
+dns_nameservers 127.0.0.1
+shutdown_lifetime 0 seconds
+{user}auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd
+acl CONNECT method CONNECT
+acl allowed dstdomain .allowed.test
+acl refused dstdomain b.allowed.test
+acl authed proxy_auth REQUIRED
+http_access deny !CONNECT
+http_access deny !authed
+http_access deny refused
+http_access allow allowed
+http_access deny all
+"
+        );
+        std::fs::write(dir.path().join("squid.conf"), config).expect("squid.conf");
+        let child = Command::new("squid")
+            .args(["-N", "-f"])
+            .arg(dir.path().join("squid.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start squid");
+        let squid = Squid { port, child, _dir: dir };
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "squid never listened on {port}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(squid)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_chain_through_a_real_squid_with_credentials() {
+    let Some(squid) = Squid::start().await else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("good"), "alice:s3cret-pw\n").expect("credentials");
+    std::fs::write(dir.path().join("bad"), "alice:wrong-pw\n").expect("credentials");
+    let d = dir.path().display();
+    let sections = format!(
+        "routes:
+  - name: corp
+    match: {{listeners: [passthrough]}}
+    http_proxy: \"127.0.0.1:{p}\"
+    proxy_auth_file: {d}/good
+  - name: corp-bad-credentials
+    match: {{listeners: [mtls]}}
+    http_proxy: \"127.0.0.1:{p}\"
+    proxy_auth_file: {d}/bad
+",
+        p = squid.port
+    );
+    let mut h = Harness::with(Options { sections, ..Options::default() }).await;
+    let squid_addr = SocketAddr::from(([127, 0, 0, 1], squid.port));
+
+    // Through Squid, byte-exact both ways. (Squid closes a tunnel when one
+    // side half-closes, so the echo is read back before closing.)
+    let tcp = TcpStream::connect(h.addr("passthrough")).await.expect("connect");
+    let tls = h.inner(tcp, "a.allowed.test").await.expect("inner TLS through squid");
+    let data = data(1 << 20, 5);
+    let (mut r, mut w) = tokio::io::split(tls);
+    let mut back = vec![0u8; data.len()];
+    let (sent, got) = tokio::join!(w.write_all(&data), within("echo", r.read_exact(&mut back)));
+    sent.expect("send");
+    got.expect("read back");
+    assert!(back == data, "byte-exact through squid");
+    drop((r, w));
+    let r = h.record().await;
+    assert_eq!((r.route.as_deref(), r.reason, r.upstream_addr), (Some("corp"), "allowed", Some(squid_addr)));
+    let mut logged = serde_json::to_string(&r).expect("json");
+
+    // Squid refuses a name: the client hears access_denied.
+    let tcp = TcpStream::connect(h.addr("passthrough")).await.expect("connect");
+    let e = h.inner(tcp, "b.allowed.test").await.expect_err("refused by squid");
+    assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+    let r = h.record().await;
+    assert_eq!((r.reason, r.decision, r.side), ("upstream_proxy_denied", "error", Some("upstream")));
+    assert!(r.detail.as_deref().is_some_and(|d| d.contains("403")), "{:?}", r.detail);
+    logged.push_str(&serde_json::to_string(&r).expect("json"));
+
+    // Wrong credentials: 407.
+    let outer = h.outer("mtls", SLEEP, &[]).await.expect("outer");
+    let e = h.inner(outer, "a.allowed.test").await.expect_err("refused by squid");
+    assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+    let r = h.record().await;
+    assert_eq!(r.reason, "upstream_proxy_denied");
+    assert!(r.detail.as_deref().is_some_and(|d| d.contains("407")), "{:?}", r.detail);
+    logged.push_str(&serde_json::to_string(&r).expect("json"));
+
+    // The credentials were sent (Squid let the first through) and never logged.
+    for secret in ["s3cret-pw", "wrong-pw", "YWxpY2U6czNjcmV0LXB3"] {
+        assert!(!logged.contains(secret), "{secret} in the access log");
+    }
 }

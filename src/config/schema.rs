@@ -67,6 +67,10 @@ pub(super) struct RawRoute {
     pub proxy_protocol: Option<Spanned<ProxyVersion>>,
     #[serde(default)]
     pub allow_cidrs: Option<Spanned<Vec<Parsed<Cidr>>>>,
+    #[serde(default)]
+    pub http_proxy: Option<Spanned<String>>,
+    #[serde(default)]
+    pub proxy_auth_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

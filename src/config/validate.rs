@@ -643,6 +643,31 @@ fn routes(
             }
             m => m.map(|m| m.value),
         };
+        if let (Some(h), Some(_)) = (&r.http_proxy, &r.next_hop) {
+            return Err(ctx.at(h, format!("{key}: a route has one way out: next_hop or http_proxy, not both")));
+        }
+        if let (Some(f), None) = (&r.proxy_auth_file, &r.http_proxy) {
+            return Err(ctx.at(f, format!("{key}.proxy_auth_file: credentials for an http_proxy; this route has none")));
+        }
+        if let Some(proxy) = r.http_proxy {
+            if let Some(b) = &r.bind {
+                return Err(ctx.at(b, format!("{key}.bind: bind is for direct routes, not http_proxy ones")));
+            }
+            if let Some(p) = &r.proxy_protocol {
+                return Err(ctx.at(p, format!("{key}.proxy_protocol: only a next_hop route announces the client")));
+            }
+            let hop = hop(&proxy.value).map_err(|e| ctx.at(&proxy, format!("{key}.http_proxy: {e}")))?;
+            let authorization = match &r.proxy_auth_file {
+                None => None,
+                Some(f) => Some(
+                    proxy_authorization(&ctx.path(&f.value))
+                        .map_err(|e| ctx.at(f, format!("{key}.proxy_auth_file: {e}")))?,
+                ),
+            };
+            let allow_cidrs = r.allow_cidrs.map(|l| l.value.into_iter().map(|c| c.0.0).collect()).unwrap_or_default();
+            out.push(Route { name, when, action: Action::HttpProxy { proxy: hop, authorization, allow_cidrs }, mark });
+            continue;
+        }
         let action = match r.next_hop {
             Some(hops) => {
                 if let Some(b) = &r.bind {
@@ -676,6 +701,40 @@ fn routes(
         out.push(Route { name, when, action, mark });
     }
     Ok(Routes(out))
+}
+
+/// `proxy_auth_file`: `user:password` (sent as Basic credentials), or a
+/// whole `Proxy-Authorization` value (`Basic ...`, `Bearer ...`); one line.
+fn proxy_authorization(path: &std::path::Path) -> Result<crate::route::Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let line = text.trim_end_matches(['\r', '\n']);
+    if line.is_empty() || line.contains(['\r', '\n']) || line.bytes().any(|b| b.is_ascii_control()) {
+        return Err(format!("{}: one line, user:password or a Proxy-Authorization value", path.display()));
+    }
+    let value = match line.split_once(' ') {
+        Some((scheme, _)) if !scheme.contains(':') => line.to_owned(),
+        _ if line.contains(':') => format!("Basic {}", base64(line.as_bytes())),
+        _ => return Err(format!("{}: expected user:password or a Proxy-Authorization value", path.display())),
+    };
+    Ok(crate::route::Secret(value))
+}
+
+/// Standard base64 with padding (RFC 4648), for Basic credentials.
+fn base64(data: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A next hop, `host:port`: an IP literal (`[v6]:port` for IPv6) or a name.

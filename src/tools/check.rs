@@ -67,6 +67,9 @@ fn describe_route(config: &Config, name: &ServerName, principal: Option<&Princip
             };
             format!("next hop {}{header}", hops.join(" then "))
         }
+        Action::HttpProxy { proxy, authorization, .. } => {
+            format!("through the HTTP proxy {proxy}{}", if authorization.is_some() { " with credentials" } else { "" })
+        }
     };
     let mark = route.mark.map(|m| format!(", mark {m}")).unwrap_or_default();
     format!("{} ({how}{mark})", route.name)
