@@ -133,6 +133,25 @@ async fn routes_send_clients_where_their_source_identity_and_name_say() {
 
     h.wait_metric("snigress_routed_connections_total", &[("route", "egress2")], 1.0).await;
     h.wait_metric("snigress_routed_connections_total", &[("route", "announced")], 1.0).await;
+
+    // A reload applies to routes as to policy: egress1 now takes .11 too.
+    let reloaded = Options {
+        sections: format!(
+            "routes:\n  - name: egress1\n    match: {{sources: [127.0.1.10/31]}}\n    next_hop: \"127.0.0.1:{}\"\n",
+            egress1.port
+        ),
+        listeners: format!(
+            "  - name: seen\n    address: 127.0.0.1:0\n    mode: passthrough\n    upstream_port: {seen_port}\n"
+        ),
+        ..Options::default()
+    };
+    h.write_config(&h.config_with(&reloaded));
+    h.wait_metric("snigress_config_reloads_total", &[("result", "success")], 1.0).await;
+    let tcp = connect_from([127, 0, 1, 11], passthrough).await;
+    let tls = h.inner(tcp, "a.allowed.test").await.expect("inner TLS");
+    exchange(tls, b"r").await.expect("exchange");
+    let r = h.record().await;
+    assert_eq!((r.route.as_deref(), r.upstream_addr.map(|a| a.port())), (Some("egress1"), Some(egress1.port)));
 }
 
 #[tokio::test]
