@@ -71,6 +71,9 @@ async fn routes_send_clients_where_their_source_identity_and_name_say() {
   - name: bound
     match: {{listeners: [seen]}}
     bind: 127.0.1.77
+  - name: bound-direct
+    match: {{names: [capture.allowed.test], listeners: [passthrough]}}
+    bind: 127.0.1.78
   - name: announced
     match: {{names: [b.allowed.test], listeners: [passthrough]}}
     next_hop: \"127.0.0.1:{hop_port}\"
@@ -120,6 +123,14 @@ async fn routes_send_clients_where_their_source_identity_and_name_say() {
     assert_eq!(peer.ip(), std::net::Ipv4Addr::new(127, 0, 1, 77));
     drop(tcp);
     assert_eq!(h.record().await.route.as_deref(), Some("bound"));
+
+    // A bound direct route carries bytes exactly and passes half-close on.
+    let tcp = TcpStream::connect(passthrough).await.expect("connect");
+    let tls = h.inner(tcp, "capture.allowed.test").await.expect("inner TLS");
+    let data = data(1 << 20, 9);
+    let back = within("exchange", exchange(tls, &data)).await.expect("exchange");
+    assert!(back[..data.len()] == data[..] && &back[data.len()..] == b"sni=capture.allowed.test\n");
+    assert_eq!(h.record().await.route.as_deref(), Some("bound-direct"));
 
     // PROXY v2 to a next hop: the client's address and where it connected.
     let mut tcp = connect_from([127, 0, 1, 20], passthrough).await;
@@ -271,6 +282,10 @@ async fn connections_chain_through_a_real_squid_with_credentials() {
     match: {{listeners: [passthrough]}}
     http_proxy: \"127.0.0.1:{p}\"
     proxy_auth_file: {d}/good
+  - name: corp-for-connect
+    match: {{listeners: [proxy]}}
+    http_proxy: \"127.0.0.1:{p}\"
+    proxy_auth_file: {d}/good
   - name: corp-bad-credentials
     match: {{listeners: [mtls]}}
     http_proxy: \"127.0.0.1:{p}\"
@@ -278,7 +293,9 @@ async fn connections_chain_through_a_real_squid_with_credentials() {
 ",
         p = squid.port
     );
-    let mut h = Harness::with(Options { sections, ..Options::default() }).await;
+    let sections = format!("{sections}connect:\n  allowed_ports: [{{echo}}]\n");
+    let listeners = "  - {name: proxy, address: 127.0.0.1:0, mode: passthrough, protocol: connect}\n".to_owned();
+    let mut h = Harness::with(Options { sections, listeners, ..Options::default() }).await;
     let squid_addr = SocketAddr::from(([127, 0, 0, 1], squid.port));
 
     // Through Squid, byte-exact both ways. (Squid closes a tunnel when one
@@ -313,6 +330,25 @@ async fn connections_chain_through_a_real_squid_with_credentials() {
     let r = h.record().await;
     assert_eq!(r.reason, "upstream_proxy_denied");
     assert!(r.detail.as_deref().is_some_and(|d| d.contains("407")), "{:?}", r.detail);
+    logged.push_str(&serde_json::to_string(&r).expect("json"));
+
+    // The CONNECT front through Squid: a tunnel, and Squid's refusal as a 502.
+    let mut tcp = TcpStream::connect(h.addr("proxy")).await.expect("connect");
+    let echo = h.echo.port;
+    tcp.write_all(format!("CONNECT b.allowed.test:{echo} HTTP/1.1\r\n\r\n").as_bytes()).await.expect("send");
+    let mut answer = String::new();
+    within("answer", tcp.read_to_string(&mut answer)).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+    assert!(
+        answer.contains("Proxy-Status: snigress; error=destination_unavailable; details=\"upstream_proxy_denied\""),
+        "{answer}"
+    );
+    drop(tcp);
+    let r = h.record().await;
+    assert_eq!(
+        (r.reason, r.http_status, r.route.as_deref()),
+        ("upstream_proxy_denied", Some(502), Some("corp-for-connect"))
+    );
     logged.push_str(&serde_json::to_string(&r).expect("json"));
 
     // The credentials were sent (Squid let the first through) and never logged.
