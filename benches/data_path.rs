@@ -59,7 +59,7 @@ fn policy_of(n: usize) -> Policy {
         })
         .collect();
     let deny = vec![Pattern::parse("blocked.svc1.example.com").expect("pattern")];
-    Policy::compile(&PolicySpec { allow, deny, rules: Vec::new() })
+    Policy::compile(&PolicySpec { allow, deny, ..Default::default() })
 }
 
 fn policy_decision(c: &mut Criterion) {
@@ -103,6 +103,8 @@ fn access_record(c: &mut Criterion) {
         matched_rule: Some("*.wikipedia.org".into()),
         upstream_addr: Some("185.15.59.224:443".parse().expect("addr")),
         route: None,
+        audit: None,
+        audit_reason: None,
         http_status: None,
         bytes_from_client: 1790,
         bytes_to_client: 84211,

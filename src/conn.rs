@@ -111,6 +111,8 @@ struct Facts {
     upstream_addr: Option<SocketAddr>,
     /// The route taken, when one fitted.
     route: Option<String>,
+    /// Policy is in audit for this caller and would have refused: why.
+    audit: Option<&'static str>,
     /// The local address the client connected to (a PROXY header out names
     /// it when there is no original destination).
     local_addr: Option<SocketAddr>,
@@ -276,6 +278,8 @@ impl Recorder {
             matched_rule: facts.matched_rule.take(),
             upstream_addr: facts.upstream_addr,
             route: facts.route.take(),
+            audit: facts.audit.map(|_| "would_deny"),
+            audit_reason: facts.audit,
             http_status: facts.http_status,
             bytes_from_client: self.transfer.bytes_from_client(),
             bytes_to_client: self.transfer.bytes_to_client(),
@@ -858,13 +862,26 @@ impl Pipeline<'_> {
             self.metrics.key(Some(name.as_str()), identity.as_ref(), allowed, self.listener.config.mode == Mode::Mtls);
         self.transfer.attach(self.metrics.bytes(&key));
         facts.key = Some(key);
-        match verdict {
-            Verdict::Allowed(m) => facts.matched_rule = Some(m.label()),
+        let refusal = match verdict {
+            Verdict::Allowed(m) => {
+                facts.matched_rule = Some(m.label());
+                None
+            }
             Verdict::Denied(m) => {
                 facts.matched_rule = Some(m.label());
-                return Err(ConnError::Denied(Some(m)));
+                Some(ConnError::Denied(Some(m)))
             }
-            Verdict::NotAllowed => return Err(ConnError::Denied(None)),
+            Verdict::NotAllowed => Some(ConnError::Denied(None)),
+        };
+        if let Some(refusal) = refusal {
+            if !self.snapshot.policy.audits(identity.as_ref()) {
+                return Err(refusal);
+            }
+            // Audit: let through, and say what enforcing would have done.
+            facts.audit = Some(refusal.reason());
+            if let Some(key) = &facts.key {
+                self.metrics.audited(&self.listener.name, key);
+            }
         }
         // The SNI of a hello with ECH is the public name of the ECH
         // provider, not the real destination.

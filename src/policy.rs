@@ -129,6 +129,8 @@ pub struct PolicySpec {
     pub allow: Vec<Pattern>,
     pub deny: Vec<Pattern>,
     pub rules: Vec<RuleSpec>,
+    /// `policy.mode`.
+    pub mode: Mode,
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +139,20 @@ pub struct RuleSpec {
     pub from: Selector,
     pub allow: Vec<Pattern>,
     pub deny: Vec<Pattern>,
+    /// `rules[].mode`: audit puts the callers this rule selects in audit,
+    /// enforce keeps them enforced under `policy.mode: audit`; `None`:
+    /// `policy.mode`.
+    pub mode: Option<Mode>,
+}
+
+/// Whether refusals are enforced, or only recorded (`audit`): the rollout
+/// switch of an egress lockdown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +220,7 @@ struct Node {
 struct Rule {
     name: Arc<str>,
     from: Selector,
+    mode: Option<Mode>,
 }
 
 /// The compiled policy.
@@ -211,15 +228,16 @@ struct Rule {
 pub struct Policy {
     root: Node,
     rules: Vec<Rule>,
+    audit: bool,
 }
 
 impl Policy {
     pub fn compile(spec: &PolicySpec) -> Policy {
-        let mut policy = Policy { root: Node::default(), rules: Vec::new() };
+        let mut policy = Policy { root: Node::default(), rules: Vec::new(), audit: spec.mode == Mode::Audit };
         policy.insert_all(&spec.allow, Action::Allow, None);
         policy.insert_all(&spec.deny, Action::Deny, None);
         for (i, rule) in spec.rules.iter().enumerate() {
-            policy.rules.push(Rule { name: rule.name.as_str().into(), from: rule.from.clone() });
+            policy.rules.push(Rule { name: rule.name.as_str().into(), from: rule.from.clone(), mode: rule.mode });
             policy.insert_all(&rule.allow, Action::Allow, Some(i));
             policy.insert_all(&rule.deny, Action::Deny, Some(i));
         }
@@ -276,6 +294,22 @@ impl Policy {
             (None, Some(a)) => Decision::Allowed(self.to_match(a)),
             (None, None) => Decision::NotAllowed,
         }
+    }
+
+    /// Whether a refusal for this caller is only recorded: a rule in audit
+    /// mode selects it, or `policy.mode` is audit and no rule that selects
+    /// it says enforce.
+    pub fn audits(&self, principal: Option<&Principal>) -> bool {
+        let mut modes =
+            self.rules.iter().filter(|r| principal.is_some_and(|p| r.from.selects(p))).filter_map(|r| r.mode);
+        let (mut audit, mut enforce) = (false, false);
+        for m in &mut modes {
+            match m {
+                Mode::Audit => audit = true,
+                Mode::Enforce => enforce = true,
+            }
+        }
+        audit || (self.audit && !enforce)
     }
 
     /// Every matching pattern, least specific first: for `snigress check`.
@@ -357,6 +391,7 @@ mod tests {
             allow: pats(&["*.wikipedia.org", "en.wikipedia.org"]),
             deny: pats(&["en.wikipedia.org"]),
             rules: vec![],
+            mode: Mode::Enforce,
         });
         match policy.decide(&name("de.wikipedia.org"), None) {
             Decision::Allowed(m) => assert_eq!(&*m.pattern, "*.wikipedia.org"),
@@ -373,6 +408,7 @@ mod tests {
             allow: pats(&["a.b.example.com"]),
             deny: pats(&["*.example.com"]),
             rules: vec![],
+            mode: Mode::Enforce,
         });
         assert!(matches!(policy.decide(&name("a.b.example.com"), None), Decision::Denied(_)));
     }
@@ -412,12 +448,14 @@ mod tests {
                     },
                     allow: pats(&["api.stripe.com", "evil.example"]),
                     deny: vec![],
+                    mode: None,
                 },
                 RuleSpec {
                     name: "web".into(),
                     from: Selector { namespaces: ["web".into()].into(), ..Default::default() },
                     allow: pats(&["*.cdn.example"]),
                     deny: pats(&["de.wikipedia.org"]),
+                    mode: None,
                 },
                 RuleSpec {
                     name: "ci".into(),
@@ -427,8 +465,10 @@ mod tests {
                     },
                     allow: pats(&["github.com"]),
                     deny: vec![],
+                    mode: None,
                 },
             ],
+            mode: Mode::Enforce,
         });
         let stripe = name("api.stripe.com");
         match policy.decide(&stripe, Some(&checkout)) {
@@ -454,6 +494,7 @@ mod tests {
             allow: pats(&["*.wikipedia.org"]),
             deny: pats(&["en.wikipedia.org"]),
             rules: vec![],
+            mode: Mode::Enforce,
         });
         let all = policy.explain(&name("en.wikipedia.org"), None);
         let got: Vec<_> = all.iter().map(|m| (m.action, m.pattern.to_string())).collect();

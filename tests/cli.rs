@@ -454,3 +454,19 @@ fn check_names_the_route_an_allowed_name_leaves_by() {
     assert_eq!(route(&["--sni", "www.example.com"]), "(none: direct to the name's addresses)");
     assert_eq!(route(&["--sni", "denied.test"]), "", "a denied name leaves by no route");
 }
+
+#[test]
+fn check_shows_audit_outcomes_as_such() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "audit.yaml",
+        "listeners:\n  - {name: l, address: 127.0.0.1:0, mode: passthrough}\npolicy:\n  mode: audit\n  allow: [\"*.example.com\"]\n  deny: [bad.example.com]\n",
+    );
+    let out = snigress(&["check", "--config", &config, "--sni", "bad.example.com"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("decision: allowed (audit mode)\n") && stdout.contains("audit: would_deny\n"), "{stdout}");
+    assert!(stdout.contains("audit_reason: policy_denied\nmatched_rule: bad.example.com\n"), "{stdout}");
+    let out = snigress(&["check", "--config", &config, "--sni", "www.example.com"]);
+    assert!(!text(&out.stdout).contains("audit"), "an allowed name is not an audit outcome");
+}

@@ -104,6 +104,7 @@ proptest! {
             allow: vec![Pattern::parse("*.example.com").unwrap(), Pattern::parse("api.example.org").unwrap()],
             deny: vec![Pattern::parse("bad.example.com").unwrap()],
             rules: Vec::new(),
+            mode: Default::default(),
         };
         let policy = Policy::compile(&spec);
         let principal = Principal::parse("spiffe://cluster.local/ns/a/sa/b").ok();

@@ -194,6 +194,7 @@ pub(super) struct RawPolicy {
     pub deny: Vec<Parsed<Pattern>>,
     pub rules: Vec<Spanned<RawRule>>,
     pub refuse_ech: bool,
+    pub mode: crate::policy::Mode,
 }
 
 #[derive(Deserialize, Default)]
@@ -205,6 +206,7 @@ pub(super) struct RawRule {
     pub service_accounts: Vec<Spanned<String>>,
     pub allow: Vec<Parsed<Pattern>>,
     pub deny: Vec<Parsed<Pattern>>,
+    pub mode: Option<crate::policy::Mode>,
 }
 
 #[derive(Deserialize)]

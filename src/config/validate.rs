@@ -422,12 +422,14 @@ fn policy(raw: RawPolicy, ctx: &Ctx<'_>) -> Result<PolicySpec, ConfigError> {
             from,
             allow: r.allow.into_iter().map(|p| p.0).collect(),
             deny: r.deny.into_iter().map(|p| p.0).collect(),
+            mode: r.mode,
         });
     }
     Ok(PolicySpec {
         allow: raw.allow.into_iter().map(|p| p.0).collect(),
         deny: raw.deny.into_iter().map(|p| p.0).collect(),
         rules,
+        mode: raw.mode,
     })
 }
 

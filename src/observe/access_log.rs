@@ -66,6 +66,11 @@ pub struct Record {
     pub upstream_addr: Option<SocketAddr>,
     /// The route that said how the connection left (`routes[].name`).
     pub route: Option<String>,
+    /// `would_deny` when policy is in audit mode for this caller and would
+    /// have refused the connection, which was let through.
+    pub audit: Option<&'static str>,
+    /// The reason enforcing would have given (`policy_denied`).
+    pub audit_reason: Option<&'static str>,
     /// The status of the HTTP answer the gateway itself sent (HTTP fronts:
     /// a CONNECT's 200, a refusal, a 421); absent when it sent none.
     pub http_status: Option<u16>,
@@ -309,6 +314,8 @@ mod tests {
             matched_rule: None,
             upstream_addr: None,
             route: None,
+            audit: None,
+            audit_reason: None,
             http_status: None,
             bytes_from_client: 0,
             bytes_to_client: 0,

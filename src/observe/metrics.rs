@@ -52,6 +52,7 @@ pub struct Metrics {
     handshake_failures: Family<HandshakeLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
     routed: Family<RouteLabels, Counter>,
+    audited: Family<AuditLabels, Counter>,
     cert_expiry: Gauge,
     open_fds: Gauge,
     resident_memory: Gauge,
@@ -227,6 +228,12 @@ impl Metrics {
                 r,
                 "routed_connections",
                 "Upstream connections opened by a route, by route (connections no route fitted are not counted)",
+                Family::default(),
+            ),
+            audited: register(
+                r,
+                "policy_audit",
+                "Connections policy would have refused but let through (audit mode), by listener, name and caller",
                 Family::default(),
             ),
             alerts: register(
@@ -446,6 +453,12 @@ impl Metrics {
     /// config: bounded.)
     pub(crate) fn routed(&self, route: &str) {
         self.routed.get_or_create(&RouteLabels { route: route.to_owned() }).inc();
+    }
+
+    /// A connection policy would have refused, let through in audit mode.
+    pub(crate) fn audited(&self, listener: &Arc<str>, key: &ConnectionKey) {
+        let labels = AuditLabels { listener: listener.clone(), sni: key.sni.clone(), source: key.source.clone() };
+        self.audited.get_or_create(&labels).inc();
     }
 
     pub(crate) fn alert_sent(&self, name: &'static str) {

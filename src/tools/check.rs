@@ -137,6 +137,14 @@ pub fn explain(config: &Config, sni: &str, principal: Option<&Principal>, at: At
         }
     };
     let reason = if decision == "allowed" { "allowed" } else { "policy_denied" };
+    if decision == "denied" && policy.audits(principal) {
+        // Audit mode: let through, recorded as what enforcing would do.
+        let _ = writeln!(out, "decision: allowed (audit mode)\nreason: allowed\naudit: would_deny");
+        let _ =
+            writeln!(out, "audit_reason: {reason}\nmatched_rule: {matched}\nwhy: {why}; audit mode lets it through");
+        let _ = writeln!(out, "route: {}", describe_route(config, &name, principal, at));
+        return out;
+    }
     let _ = writeln!(out, "decision: {decision}\nreason: {reason}\nmatched_rule: {matched}\nwhy: {why}");
     if decision == "allowed" {
         let _ = writeln!(out, "route: {}", describe_route(config, &name, principal, at));

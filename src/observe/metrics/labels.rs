@@ -179,6 +179,13 @@ pub(super) struct VersionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct AuditLabels {
+    pub(super) listener: Arc<str>,
+    pub(super) sni: Arc<str>,
+    pub(super) source: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct RouteLabels {
     pub(super) route: String,
 }
