@@ -266,6 +266,8 @@ pub struct Limits {
     /// ClientHello still to come); past it the oldest such one is evicted.
     pub max_pending_connections: usize,
     pub client_hello_bytes: usize,
+    /// Per caller identity: open connections and the new-connection rate.
+    pub identity: crate::identity_limits::Settings,
 }
 
 /// What happens on SIGTERM/SIGINT.

@@ -113,6 +113,9 @@ struct Facts {
     route: Option<String>,
     /// Policy is in audit for this caller and would have refused: why.
     audit: Option<&'static str>,
+    /// The connection's place in its caller's count, given back with the
+    /// other limit slots before the record.
+    identity_slot: Option<crate::identity_limits::Held>,
     /// The local address the client connected to (a PROXY header out names
     /// it when there is no original destination).
     local_addr: Option<SocketAddr>,
@@ -159,6 +162,7 @@ pub(crate) async fn handle(
         transfer: &recorder.transfer,
         pending: &pending,
         peer: client_addr,
+        identities: &process.identities,
     };
     // The stages run until they end by themselves, or are cut short by the
     // connection's maximum lifetime, the end of a drain, or an eviction
@@ -288,6 +292,7 @@ impl Recorder {
         };
         self.active.take();
         self.slots.take();
+        self.facts.identity_slot.take();
         self.process.sink.emit(record);
     }
 }
@@ -320,6 +325,8 @@ struct Pipeline<'a> {
     pending: &'a PendingTicket,
     /// The TCP peer.
     peer: SocketAddr,
+    /// Per-identity connection counts and rates.
+    identities: &'a Arc<crate::identity_limits::IdentityLimits>,
 }
 
 impl Pipeline<'_> {
@@ -724,6 +731,7 @@ impl Pipeline<'_> {
     /// From a destination to an open upstream connection: policy, then
     /// the way out.
     async fn reach(&self, destination: &Destination, ech: bool, facts: &mut Facts) -> Result<TcpStream, ConnError> {
+        self.admit_identity(destination, facts)?;
         self.authorize(destination, ech, facts)?;
         self.pending.settle();
         self.leave(destination, None, facts).await
@@ -849,6 +857,19 @@ impl Pipeline<'_> {
             (true, Some(e)) => Err(e.into()),
             (true, None) => Err(ResolveError::NoAddresses.into()),
             _ => Ok(addrs),
+        }
+    }
+
+    /// The caller's own limits: its open connections and its rate.
+    fn admit_identity(&self, destination: &Destination, facts: &mut Facts) -> Result<(), ConnError> {
+        let Some(principal) = &destination.identity else { return Ok(()) };
+        match self.identities.admit(principal.uri(), self.snapshot.limits.identity) {
+            Ok(held) => {
+                facts.identity_slot = held;
+                Ok(())
+            }
+            Err(crate::identity_limits::Refusal::Connections(max)) => Err(ConnError::IdentityLimit(max)),
+            Err(crate::identity_limits::Refusal::Rate) => Err(ConnError::RateLimited),
         }
     }
 
@@ -998,7 +1019,12 @@ mod tests {
     fn process() -> (Process, tokio::sync::mpsc::UnboundedReceiver<Record>, Arc<Metrics>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::new(Caps::default()));
-        let process = Process { metrics: metrics.clone(), sink: Arc::new(Channel(tx)), cut: Default::default() };
+        let process = Process {
+            metrics: metrics.clone(),
+            sink: Arc::new(Channel(tx)),
+            cut: Default::default(),
+            identities: Default::default(),
+        };
         (process, rx, metrics)
     }
 

@@ -127,6 +127,10 @@ pub enum ConnError {
     ConnectionLimit,
     #[error("limits.max_connections_per_source reached for this client address")]
     SourceLimit,
+    #[error("limits.max_connections_per_identity ({0}) reached for this caller")]
+    IdentityLimit(usize),
+    #[error("limits.connection_rate_per_identity exceeded by this caller")]
+    RateLimited,
     #[error("no byte within timeouts.first_byte")]
     FirstByteTimeout,
     #[error("evicted: limits.max_pending_connections reached and this was the oldest connection without a destination")]
@@ -178,6 +182,8 @@ impl ConnError {
         match self {
             ConnError::ConnectionLimit => "connection_limit",
             ConnError::SourceLimit => "source_limit",
+            ConnError::IdentityLimit(_) => "identity_limit",
+            ConnError::RateLimited => "rate_limited",
             ConnError::FirstByteTimeout => "first_byte_timeout",
             ConnError::Evicted => "pending_evicted",
             ConnError::Arrival(e) => e.reason(),
@@ -215,6 +221,7 @@ impl ConnError {
             ConnError::Target(TargetError::Http(_)) => Side::Client,
             ConnError::Target(_) | ConnError::SniMismatch { .. } => Side::Policy,
             ConnError::SourceLimit | ConnError::FirstByteTimeout => Side::Client,
+            ConnError::IdentityLimit(_) | ConnError::RateLimited => Side::Client,
             ConnError::Evicted => Side::Internal,
             ConnError::Arrival(
                 ArrivalError::UntrustedProxy(_)
@@ -239,6 +246,8 @@ impl ConnError {
         match self {
             ConnError::ConnectionLimit
             | ConnError::SourceLimit
+            | ConnError::IdentityLimit(_)
+            | ConnError::RateLimited
             | ConnError::Evicted
             | ConnError::Arrival(
                 ArrivalError::UntrustedProxy(_)
@@ -307,6 +316,8 @@ impl ConnError {
             | ConnError::Ech
             | ConnError::Resolve(ResolveError::AllRefused(_))
             | ConnError::DestinationMismatch { .. }
+            | ConnError::IdentityLimit(_)
+            | ConnError::RateLimited
             | ConnError::SniMismatch { .. } => Some(alert::ACCESS_DENIED),
             ConnError::NoSni
             | ConnError::InvalidSni(_)
@@ -371,7 +382,7 @@ impl ConnError {
             ConnError::Target(_) | ConnError::SniMismatch { .. } | ConnError::TunnelNotTls => 403,
             ConnError::Hello(_) | ConnError::FirstByteTimeout => 408,
             ConnError::Handshake(_) => 400,
-            ConnError::SourceLimit => 429,
+            ConnError::SourceLimit | ConnError::IdentityLimit(_) | ConnError::RateLimited => 429,
             ConnError::ConnectionLimit | ConnError::Evicted | ConnError::MaxLifetime | ConnError::Shutdown => 503,
             ConnError::Internal(_) => 500,
         }
@@ -401,7 +412,11 @@ impl ConnError {
             ConnError::Arrival(ArrivalError::OriginalDestination(
                 OriginalDstError::Loop(_) | OriginalDstError::CameBack(_),
             )) => "proxy_loop_detected",
-            ConnError::ConnectionLimit | ConnError::SourceLimit | ConnError::Evicted => "connection_limit_reached",
+            ConnError::ConnectionLimit
+            | ConnError::SourceLimit
+            | ConnError::IdentityLimit(_)
+            | ConnError::RateLimited
+            | ConnError::Evicted => "connection_limit_reached",
             ConnError::Internal(_) | ConnError::MaxLifetime | ConnError::Shutdown => "proxy_internal_error",
             _ => "http_request_error",
         };
@@ -442,7 +457,11 @@ impl ConnError {
             ConnError::Resolve(ResolveError::NxDomain | ResolveError::NoAddresses) => "NR",
             ConnError::Resolve(ResolveError::Timeout | ResolveError::Failed(_)) => "DF",
             ConnError::Connect(_) | ConnError::UpstreamProxy(_) => "UF",
-            ConnError::ConnectionLimit | ConnError::SourceLimit | ConnError::Evicted => "UO",
+            ConnError::ConnectionLimit
+            | ConnError::SourceLimit
+            | ConnError::IdentityLimit(_)
+            | ConnError::RateLimited
+            | ConnError::Evicted => "UO",
             ConnError::NoSni
             | ConnError::InvalidSni(_)
             | ConnError::Hello(ReadError::Hello(_))
@@ -493,6 +512,16 @@ mod tests {
         let cases: Vec<Case> = vec![
             (ConnError::ConnectionLimit, "connection_limit", "denied", "internal", "refused", None, 503),
             (ConnError::SourceLimit, "source_limit", "denied", "client", "refused", None, 429),
+            (
+                ConnError::IdentityLimit(2),
+                "identity_limit",
+                "denied",
+                "client",
+                "refused",
+                Some(alert::ACCESS_DENIED),
+                429,
+            ),
+            (ConnError::RateLimited, "rate_limited", "denied", "client", "refused", Some(alert::ACCESS_DENIED), 429),
             (ConnError::FirstByteTimeout, "first_byte_timeout", "error", "client", "first_byte_timeout", None, 408),
             (ConnError::UnknownProtocol(0), "unknown_protocol", "denied", "client", "refused", None, 400),
             (

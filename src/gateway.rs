@@ -107,7 +107,7 @@ impl Gateway {
             listeners,
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             config: config.clone(),
-            process: Process { metrics, sink, cut: CancellationToken::new() },
+            process: Process { metrics, sink, cut: CancellationToken::new(), identities: Default::default() },
             permits: Arc::new(Semaphore::new(max_connections)),
             sources: Arc::new(accept::SourceLimit::new(config.limits.max_connections_per_source)),
             pending,

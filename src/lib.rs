@@ -49,6 +49,7 @@ pub mod error;
 pub mod front;
 pub mod gateway;
 pub mod identity;
+pub mod identity_limits;
 pub mod name;
 mod net;
 pub mod observe;

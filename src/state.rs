@@ -93,4 +93,6 @@ pub struct Process {
     pub sink: Arc<dyn Sink>,
     /// Cancelled at the end of the drain.
     pub cut: CancellationToken,
+    /// Every caller identity's open connections and rate bucket.
+    pub identities: Arc<crate::identity_limits::IdentityLimits>,
 }

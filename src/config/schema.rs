@@ -273,6 +273,17 @@ pub(super) struct RawLimits {
     /// Default: a quarter of `max_connections`.
     pub max_pending_connections: Option<Spanned<usize>>,
     pub client_hello_bytes: Spanned<usize>,
+    pub max_connections_per_identity: Option<Spanned<usize>>,
+    pub connection_rate_per_identity: Option<Spanned<RawRate>>,
+}
+
+/// `limits.connection_rate_per_identity`: `{rate: 50/s, burst: 100}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRate {
+    pub rate: Spanned<String>,
+    #[serde(default)]
+    pub burst: Option<Spanned<u32>>,
 }
 
 impl Default for RawLimits {
@@ -282,6 +293,8 @@ impl Default for RawLimits {
             max_connections_per_source: unspanned(defaults::MAX_CONNECTIONS_PER_SOURCE),
             max_pending_connections: None,
             client_hello_bytes: unspanned(defaults::CLIENT_HELLO_BYTES),
+            max_connections_per_identity: None,
+            connection_rate_per_identity: None,
         }
     }
 }

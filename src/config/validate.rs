@@ -544,7 +544,53 @@ fn limits(l: &RawLimits, ctx: &Ctx<'_>) -> Result<Limits, ConfigError> {
         max_connections_per_source: l.max_connections_per_source.value,
         max_pending_connections,
         client_hello_bytes: hello,
+        identity: identity_limits(l, ctx)?,
     })
+}
+
+/// `limits.max_connections_per_identity` and `connection_rate_per_identity`.
+fn identity_limits(l: &RawLimits, ctx: &Ctx<'_>) -> Result<crate::identity_limits::Settings, ConfigError> {
+    use crate::identity_limits::{Rate, Settings};
+    let max_connections = match &l.max_connections_per_identity {
+        Some(n) if n.value == 0 => {
+            return Err(
+                ctx.at(n, "limits.max_connections_per_identity: must be at least 1 (leave it out for no limit)".into())
+            );
+        }
+        n => n.as_ref().map(|n| n.value),
+    };
+    let rate = match &l.connection_rate_per_identity {
+        None => None,
+        Some(r) => {
+            let text = r.value.rate.value.trim();
+            let per_second = text.split_once('/').and_then(|(n, unit)| {
+                let n: f64 = n.trim().parse().ok().filter(|n: &f64| n.is_finite() && *n > 0.0)?;
+                match unit.trim() {
+                    "s" => Some(n),
+                    "m" => Some(n / 60.0),
+                    "h" => Some(n / 3600.0),
+                    _ => None,
+                }
+            });
+            let Some(per_second) = per_second else {
+                return Err(ctx.at(
+                    &r.value.rate,
+                    format!(
+                        "limits.connection_rate_per_identity.rate: {text:?} is not a rate such as 50/s, 600/m or 1000/h"
+                    ),
+                ));
+            };
+            let burst = match &r.value.burst {
+                Some(b) if b.value == 0 => {
+                    return Err(ctx.at(b, "limits.connection_rate_per_identity.burst: must be at least 1".into()));
+                }
+                Some(b) => f64::from(b.value),
+                None => per_second.ceil().max(1.0),
+            };
+            Some(Rate { per_second, burst })
+        }
+    };
+    Ok(Settings { max_connections, rate })
 }
 
 fn metrics(m: &RawMetrics, listeners: &[Listener], ctx: &Ctx<'_>) -> Result<MetricsSettings, ConfigError> {
