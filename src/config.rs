@@ -753,6 +753,29 @@ access_log: {path: access.log}
     }
 
     #[test]
+    fn wildcards_over_a_public_suffix_are_refused_unless_meant() {
+        for (allow, column) in [
+            ("[\"*.com\"]", 11),
+            ("[a.example, \"*.co.uk\"]", 22),
+            ("[\"*.github.io\"]", 11),
+            ("[\"*.s3.amazonaws.com\"]", 11),
+        ] {
+            let e = err(&format!("{MINIMAL}policy:\n  allow: {allow}\n"));
+            assert!(e.to_string().contains("public suffix"), "{allow}: {e}");
+            assert_eq!(e.pos.map(|p| (p.line, p.column)), Some((6, column)), "{allow}: {e}");
+        }
+        let e = err(&format!("{MINIMAL}policy:\n  rules:\n    - namespaces: [a]\n      allow: [\"*.com\"]\n"));
+        assert!(e.to_string().contains("policy.rules[0].allow"), "{e}");
+        let c = parse(&format!("{MINIMAL}policy:\n  allow: [{{pattern: \"*.github.io\", public_suffix: true}}, \"*.github.com\", \"*.svc.cluster.local\"]\n"))
+            .expect("meant, or not a public suffix");
+        assert_eq!(c.policy.allow.len(), 3);
+        let e = err(&format!("{MINIMAL}policy:\n  allow: [{{pattern: \"*.com\", public: true}}]\n"));
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        // Deny lists may cover a public suffix: that only refuses more.
+        assert!(parse(&format!("{MINIMAL}policy:\n  allow: [a.example]\n  deny: [\"*.zip\"]\n")).is_ok());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));

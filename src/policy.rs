@@ -51,6 +51,11 @@ impl Pattern {
         Ok(Pattern { wildcard, name })
     }
 
+    /// The suffix of a `*.` pattern; `None` for an exact name.
+    pub fn wildcard_suffix(&self) -> Option<&ServerName> {
+        self.wildcard.then_some(&self.name)
+    }
+
     /// Whether this single pattern matches `name`: the reference the trie's
     /// answers are tested against, and a route's name match (a route has a
     /// few patterns; policy, with thousands, uses the trie).

@@ -190,7 +190,7 @@ pub(super) struct RawMtls {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawPolicy {
-    pub allow: Vec<Parsed<Pattern>>,
+    pub allow: Vec<Spanned<AllowEntry>>,
     pub deny: Vec<Parsed<Pattern>>,
     pub rules: Vec<Spanned<RawRule>>,
     pub refuse_ech: bool,
@@ -204,7 +204,7 @@ pub(super) struct RawRule {
     pub principals: Vec<Parsed<PrincipalSelector>>,
     pub namespaces: Vec<Spanned<String>>,
     pub service_accounts: Vec<Spanned<String>>,
-    pub allow: Vec<Parsed<Pattern>>,
+    pub allow: Vec<Spanned<AllowEntry>>,
     pub deny: Vec<Parsed<Pattern>>,
     pub mode: Option<crate::policy::Mode>,
 }
@@ -398,6 +398,42 @@ impl FromStr for Cidr {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         crate::resolve::vet::parse_cidr(s).map(Cidr)
+    }
+}
+
+/// An allow entry: a pattern, or `{pattern: "*.github.io", public_suffix:
+/// true}` to allow a wildcard over a public suffix on purpose.
+pub(super) struct AllowEntry {
+    pub pattern: Pattern,
+    pub public_suffix: bool,
+}
+
+impl<'de> Deserialize<'de> for AllowEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Long {
+            pattern: String,
+            #[serde(default)]
+            public_suffix: bool,
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AllowEntry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a pattern, or {pattern: ..., public_suffix: true}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AllowEntry, E> {
+                let pattern = v.parse().map_err(de::Error::custom)?;
+                Ok(AllowEntry { pattern, public_suffix: false })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<AllowEntry, A::Error> {
+                let long = Long::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let pattern = long.pattern.parse().map_err(de::Error::custom)?;
+                Ok(AllowEntry { pattern, public_suffix: long.public_suffix })
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

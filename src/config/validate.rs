@@ -12,7 +12,7 @@ use super::*;
 use crate::arrive::mtls::MaterialPaths;
 use crate::identity::{DEFAULT_TRUST_DOMAIN, Principal};
 use crate::observe::metrics::Caps;
-use crate::policy::{PolicySpec, RuleSpec, Selector};
+use crate::policy::{Pattern, PolicySpec, RuleSpec, Selector};
 use crate::resolve::{ResolverSettings, Vetting};
 
 /// The file being validated: for error positions and relative paths.
@@ -420,13 +420,13 @@ fn policy(raw: RawPolicy, ctx: &Ctx<'_>) -> Result<PolicySpec, ConfigError> {
         rules.push(RuleSpec {
             name,
             from,
-            allow: r.allow.into_iter().map(|p| p.0).collect(),
+            allow: allow_list(r.allow, &format!("policy.rules[{i}].allow"), ctx)?,
             deny: r.deny.into_iter().map(|p| p.0).collect(),
             mode: r.mode,
         });
     }
     Ok(PolicySpec {
-        allow: raw.allow.into_iter().map(|p| p.0).collect(),
+        allow: allow_list(raw.allow, "policy.allow", ctx)?,
         deny: raw.deny.into_iter().map(|p| p.0).collect(),
         rules,
         mode: raw.mode,
@@ -619,6 +619,36 @@ fn metrics(m: &RawMetrics, listeners: &[Listener], ctx: &Ctx<'_>) -> Result<Metr
         },
         istio_compatible: m.istio_compatible,
     })
+}
+
+/// An allow list, with the guard against wildcards over a public suffix
+/// (`*.com`, `*.co.uk`, `*.github.io`: every site under it, whoever owns
+/// it), which an entry lifts with `public_suffix: true`.
+fn allow_list(entries: Vec<Spanned<AllowEntry>>, key: &str, ctx: &Ctx<'_>) -> Result<Vec<Pattern>, ConfigError> {
+    let mut out = Vec::new();
+    for e in entries {
+        if let Some(suffix) = e.value.pattern.wildcard_suffix()
+            && !e.value.public_suffix
+            && is_public_suffix(suffix.as_str())
+        {
+            return Err(ctx.at(
+                &e,
+                format!(
+                    "{key}: \"{}\" allows every domain under the public suffix {suffix:?}, whoever registers it; \
+                     allow the names you mean, or write {{pattern: \"{}\", public_suffix: true}} if you do mean it",
+                    e.value.pattern, e.value.pattern
+                ),
+            ));
+        }
+        out.push(e.value.pattern);
+    }
+    Ok(out)
+}
+
+/// Whether `name` is on the public suffix list (ICANN or private section),
+/// as a whole: `com`, `co.uk`, `github.io`, `s3.amazonaws.com`.
+pub(crate) fn is_public_suffix(name: &str) -> bool {
+    psl::suffix(name.as_bytes()).is_some_and(|s| s.is_known() && s.as_bytes() == name.as_bytes())
 }
 
 /// Callers selected by SPIFFE ID, namespace or `namespace/service-account`
