@@ -470,3 +470,26 @@ fn check_shows_audit_outcomes_as_such() {
     let out = snigress(&["check", "--config", &config, "--sni", "www.example.com"]);
     assert!(!text(&out.stdout).contains("audit"), "an allowed name is not an audit outcome");
 }
+
+#[test]
+fn check_warns_about_patterns_that_cannot_apply() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "warn.yaml",
+        "listeners:\n  - {name: l, address: 127.0.0.1:0, mode: passthrough}\npolicy:\n  allow: [api.example.com, \"*.cdn.example.com\", ok.example.org, ok.example.org]\n  deny: [\"*.example.com\"]\n  rules:\n    - name: r\n      principals: [\"spiffe://elsewhere.example/ns/a/sa/b\"]\n      allow: [x.example.net]\n",
+    );
+    let out = snigress(&["check", "--config", &config]);
+    assert!(out.status.success(), "warnings do not fail the check: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for wanted in [
+        "warning: policy.allow: \"api.example.com\" can never allow anything: deny \"*.example.com\" covers it",
+        "warning: policy.allow: \"*.cdn.example.com\" can never allow anything",
+        "warning: policy.allow: \"ok.example.org\" is listed twice",
+        "warning: rule \"r\": principal \"elsewhere.example/ns/a/sa/b\" is in trust domain \"elsewhere.example\"",
+    ] {
+        assert!(stdout.contains(wanted), "{wanted}\n{stdout}");
+    }
+    let clean = snigress(&["check", "--config", "config/local.yaml"]);
+    assert!(!text(&clean.stdout).contains("warning:"), "{}", text(&clean.stdout));
+}

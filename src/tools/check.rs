@@ -6,7 +6,7 @@ use crate::arrive::mtls::dev_pki;
 use crate::config::{self, Config, ConfigError, MtlsSource};
 use crate::identity::Principal;
 use crate::name::ServerName;
-use crate::policy::{Action, Decision, Match, Policy};
+use crate::policy::{Action, Decision, Match, Pattern, Policy};
 
 /// Loads what `run` would load short of binding: the certificate files (or
 /// an existing dev PKI) unless `cert_files` is false (for a config whose
@@ -38,13 +38,76 @@ pub fn validate(config: &Config, text: &str, source_name: &str, cert_files: bool
             c.plaintext_ports
         );
     }
-    Ok(format!(
+    let mut summary = format!(
         "config OK: listeners {}; policy: {} allow, {} deny, {} rules{notes}",
         listeners.join(", "),
         config.policy.allow.len(),
         config.policy.deny.len(),
         config.policy.rules.len()
-    ))
+    );
+    for w in warnings(config) {
+        let _ = write!(summary, "\nwarning: {w}");
+    }
+    Ok(summary)
+}
+
+/// What is valid but probably not meant: allow patterns a deny shadows,
+/// patterns listed twice, rules that can never apply.
+pub fn warnings(config: &Config) -> Vec<String> {
+    let policy = &config.policy;
+    let mut out = Vec::new();
+    let covers = |deny: &Pattern, allow: &Pattern| match (deny.wildcard_suffix(), allow.wildcard_suffix()) {
+        (None, None) => deny == allow,
+        (Some(s), None) => allow.to_string().ends_with(&format!(".{s}")),
+        (Some(s), Some(t)) => t == s || t.as_str().ends_with(&format!(".{s}")),
+        (None, Some(_)) => false,
+    };
+    let mut lists: Vec<(String, &[Pattern], Vec<&Pattern>)> =
+        vec![("policy.allow".into(), &policy.allow, policy.deny.iter().collect())];
+    for r in &policy.rules {
+        lists.push((format!("rule {:?} allow", r.name), &r.allow, policy.deny.iter().chain(&r.deny).collect()));
+    }
+    for (key, allow, denies) in &lists {
+        for a in allow.iter() {
+            if let Some(d) = denies.iter().find(|d| covers(d, a)) {
+                out.push(format!("{key}: \"{a}\" can never allow anything: deny \"{d}\" covers it"));
+            }
+        }
+    }
+    let mut named: Vec<(String, &[Pattern])> =
+        vec![("policy.allow".into(), &policy.allow), ("policy.deny".into(), &policy.deny)];
+    for r in &policy.rules {
+        named.push((format!("rule {:?} allow", r.name), &r.allow));
+        named.push((format!("rule {:?} deny", r.name), &r.deny));
+    }
+    for (key, list) in &named {
+        let mut seen = std::collections::HashSet::new();
+        for p in list.iter() {
+            if !seen.insert(p) {
+                out.push(format!("{key}: \"{p}\" is listed twice"));
+            }
+        }
+    }
+    let domains: Vec<&str> = config
+        .mtls
+        .iter()
+        .flat_map(|m| m.trust_domains.iter())
+        .chain(config.listeners.iter().filter_map(|l| l.proxy_protocol.as_ref()).flat_map(|p| p.trust_domains.iter()))
+        .map(String::as_str)
+        .collect();
+    for r in &policy.rules {
+        for p in &r.from.principals {
+            let domain = p.split('/').next().unwrap_or("");
+            if !domains.contains(&domain) {
+                out.push(format!(
+                    "rule {:?}: principal {p:?} is in trust domain {domain:?}, which no caller can have \
+                     (accepted: {domains:?}); the rule never applies to it",
+                    r.name
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The route `name` would leave by, and how.
