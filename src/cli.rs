@@ -117,6 +117,48 @@ pub enum Command {
     /// and loopback are never captured. Needs root (CAP_NET_ADMIN); IPv4, and
     /// IPv6 too with --ipv6.
     Iptables(IptablesArgs),
+    /// Roll a policy out safely, from the access records of real traffic.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print a commented policy that allows what the access records show
+    /// was let through (allowed, and would-deny in audit mode).
+    ///
+    /// Names under one registrable domain (the public suffix list decides)
+    /// are folded into *.domain from --wildcard-threshold distinct names; a
+    /// wildcard is never formed over a public suffix.
+    Suggest {
+        /// Access-log files (JSON lines as snigress writes them; gzip accepted).
+        #[arg(long = "access-log", value_name = "FILE", required = true, num_args = 1..)]
+        access_logs: Vec<PathBuf>,
+        /// One rule per caller identity instead of one global list.
+        #[arg(long)]
+        per_identity: bool,
+        /// Leave out entries seen fewer times.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        min_connections: u64,
+        /// Fold a registrable domain's names into *.domain from this many
+        /// distinct names (0: never).
+        #[arg(long, value_name = "K", default_value_t = 3)]
+        wildcard_threshold: usize,
+    },
+    /// Replay recorded connections through a new policy and print what it
+    /// would newly deny and newly allow. Exit 0 when nothing would be newly
+    /// denied, 1 when something would, 64 on a bad config.
+    Diff {
+        /// The policy to try.
+        #[arg(long, value_name = "NEW.yaml")]
+        config: PathBuf,
+        /// The policy to compare with; default: the decisions in the records.
+        #[arg(long, value_name = "OLD.yaml")]
+        against: Option<PathBuf>,
+        /// Access-log files (JSON lines; gzip accepted).
+        #[arg(long = "access-log", value_name = "FILE", required = true, num_args = 1..)]
+        access_logs: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -23,6 +23,7 @@ mod validate;
 
 pub use error::{ConfigError, Pos};
 pub use schema::{MAX_DURATION, parse_duration};
+pub(crate) use validate::is_public_suffix;
 
 /// Defaults, each with the reason for its value.
 pub mod defaults {

@@ -49,6 +49,55 @@ fn dispatch(cli: Cli) -> ExitCode {
         }
         Command::Sidecar(args) => sidecar(args),
         Command::Iptables(args) => iptables(args),
+        Command::Policy(command) => policy(command),
+    }
+}
+
+fn policy(command: snigress::cli::PolicyCommand) -> ExitCode {
+    use snigress::cli::PolicyCommand;
+    use snigress::tools::rollout;
+    match command {
+        PolicyCommand::Suggest { access_logs, per_identity, min_connections, wildcard_threshold } => {
+            if let Err(e) = rollout::check_paths(&access_logs) {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+            let options = rollout::SuggestOptions { per_identity, min_connections, wildcard_threshold };
+            match rollout::suggest(&access_logs, &options) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        PolicyCommand::Diff { config, against, access_logs } => {
+            if let Err(e) = rollout::check_paths(&access_logs) {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+            let new = match load(&config) {
+                Ok((_, c)) => c,
+                Err(code) => return code,
+            };
+            let old = match against.as_deref().map(load).transpose() {
+                Ok(old) => old.map(|(_, c)| c),
+                Err(code) => return code,
+            };
+            match rollout::diff(&new, old.as_ref(), &access_logs) {
+                Ok(d) => {
+                    print!("{}", d.report);
+                    if d.newly_denied > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
 }
 

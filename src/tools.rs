@@ -5,4 +5,5 @@
 pub mod check;
 pub mod devcerts;
 pub mod iptables;
+pub mod rollout;
 pub mod sidecar;

@@ -493,3 +493,105 @@ fn check_warns_about_patterns_that_cannot_apply() {
     let clean = snigress(&["check", "--config", "config/local.yaml"]);
     assert!(!text(&clean.stdout).contains("warning:"), "{}", text(&clean.stdout));
 }
+
+/// An access log of a few connections, as the gateway writes it.
+fn crafted_log() -> String {
+    let rec = |time: &str, sni: &str, principal: Option<&str>, decision: &str, reason: &str, audit: Option<&str>| {
+        serde_json::json!({
+            "start_time": time, "listener": "mesh", "mode": "mtls", "sni": sni, "principal": principal,
+            "decision": decision, "reason": reason, "audit": audit, "termination": "client_closed"
+        })
+        .to_string()
+    };
+    let sleep = Some("spiffe://cluster.local/ns/default/sa/sleep");
+    let mut lines = Vec::new();
+    for (i, sni) in
+        ["a.example.com", "a.example.com", "b.example.com", "c.example.com", "example.com"].iter().enumerate()
+    {
+        lines.push(rec(&format!("2026-12-01T10:0{i}:00.000Z"), sni, None, "allowed", "allowed", None));
+    }
+    for sni in ["x.github.io", "y.github.io", "z.github.io"] {
+        lines.push(rec("2026-12-01T11:00:00.000Z", sni, None, "allowed", "allowed", None));
+    }
+    lines.push(rec("2026-12-01T12:00:00.000Z", "api.stripe.com", sleep, "allowed", "allowed", None));
+    lines.push(rec("2026-12-01T12:01:00.000Z", "new.partner.test", sleep, "allowed", "allowed", Some("would_deny")));
+    lines.push(rec("2026-12-01T12:02:00.000Z", "evil.example.net", None, "denied", "policy_denied", None));
+    lines.push("not a record".to_owned());
+    lines.join("\n") + "\n"
+}
+
+#[test]
+fn policy_suggest_folds_names_but_never_over_a_public_suffix() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = write(dir.path(), "access.log", &crafted_log());
+    let out = snigress(&["policy", "suggest", "--access-log", &log, "--wildcard-threshold", "3"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let yaml = text(&out.stdout);
+    assert!(yaml.contains("- \"*.example.com\"  # 4 connections, 3 names, first 2026-12-01T10:00:00.000Z, last 2026-12-01T10:03:00.000Z"), "{yaml}");
+    assert!(yaml.contains("- \"example.com\"  # 1 connections"), "the domain itself stays exact: {yaml}");
+    for exact in ["x.github.io", "y.github.io", "z.github.io", "new.partner.test", "api.stripe.com"] {
+        assert!(yaml.contains(&format!("- \"{exact}\"")), "{exact}: {yaml}");
+    }
+    assert!(!yaml.contains("*.github.io") && !yaml.contains("evil.example.net"), "{yaml}");
+    assert!(yaml.contains("from 11 access records (1 other lines skipped)"), "{yaml}");
+    // What it prints is a policy snigress accepts.
+    let config = format!("listeners:\n  - {{name: l, address: 127.0.0.1:0, mode: passthrough}}\n{yaml}");
+    let path = write(dir.path(), "suggested.yaml", &config);
+    assert!(snigress(&["check", "--config", &path]).status.success());
+
+    // Per identity, from a gzip file, above a minimum count.
+    let gz = dir.path().join("access.log.gz");
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).expect("gz"), flate2::Compression::fast());
+    std::io::Write::write_all(&mut enc, crafted_log().as_bytes()).expect("gzip");
+    enc.finish().expect("gzip");
+    let gz = gz.display().to_string();
+    let out = snigress(&["policy", "suggest", "--access-log", &gz, "--per-identity"]);
+    let yaml = text(&out.stdout);
+    assert!(yaml.contains("  rules:\n    - name: default-sleep\n      principals: [\"spiffe://cluster.local/ns/default/sa/sleep\"]\n      allow:\n        - \"api.stripe.com\""), "{yaml}");
+    let out = snigress(&[
+        "policy",
+        "suggest",
+        "--access-log",
+        &gz,
+        "--per-identity",
+        "--min-connections",
+        "2",
+        "--wildcard-threshold",
+        "0",
+    ]);
+    let yaml = text(&out.stdout);
+    assert!(yaml.contains("    - \"a.example.com\"  # 2 connections") && !yaml.contains("rules:"), "{yaml}");
+}
+
+#[test]
+fn policy_diff_reports_what_a_change_would_deny_with_its_exit_code() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = write(dir.path(), "access.log", &crafted_log());
+    let listener = "listeners:\n  - {name: l, address: 127.0.0.1:0, mode: passthrough}\n";
+    let narrow =
+        write(dir.path(), "narrow.yaml", &format!("{listener}policy:\n  allow: [\"*.example.com\", example.com]\n"));
+    let out = snigress(&["policy", "diff", "--config", &narrow, "--access-log", &log]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(report.contains("newly denied: 4 connections, 4 names"), "{report}");
+    assert!(report.contains("  api.stripe.com  spiffe://cluster.local/ns/default/sa/sleep  1"), "{report}");
+    assert!(report.contains("  x.github.io  (no identity)  1"), "{report}");
+    assert!(report.contains("newly allowed: 0 connections"), "{report}");
+
+    let wide = write(
+        dir.path(),
+        "wide.yaml",
+        &format!(
+            "{listener}policy:\n  allow: [\"*.example.com\", example.com, \"*.example.net\", x.github.io, y.github.io, z.github.io, api.stripe.com, new.partner.test]\n"
+        ),
+    );
+    let out = snigress(&["policy", "diff", "--config", &wide, "--access-log", &log]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let report = text(&out.stdout);
+    assert!(report.contains("newly allowed: 2 connections, 2 names"), "{report}");
+    // Against another config instead of the recorded decisions.
+    let out = snigress(&["policy", "diff", "--config", &narrow, "--against", &wide, "--access-log", &log]);
+    assert!(text(&out.stdout).contains("newly denied: 6 connections, 6 names"), "{}", text(&out.stdout));
+    let bad = write(dir.path(), "bad.yaml", "listeners: []\n");
+    assert_eq!(snigress(&["policy", "diff", "--config", &bad, "--access-log", &log]).status.code(), Some(64));
+}
