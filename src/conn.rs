@@ -256,7 +256,7 @@ impl Recorder {
         let elapsed = self.started.1.elapsed();
         let protocol = facts.protocol.map_or("none", Protocol::as_str);
         let outcome = Outcome { decision, reason, protocol, response_flags: flags };
-        metrics.finished(&self.listener.name, &key, outcome, elapsed);
+        metrics.finished(&self.listener.name, &key, outcome, facts.matched_rule.as_deref(), elapsed);
         let principal = facts.principal.as_ref();
         let record = Record {
             start_time: rfc3339(self.started.0),
@@ -1066,7 +1066,7 @@ mod tests {
         assert_eq!((r.sni.as_deref(), r.bytes_from_client), (Some("a.example"), 7));
         assert!(records.try_recv().is_err(), "exactly one record");
         let text = metrics.prometheus_text(0);
-        assert!(text.contains("reason=\"internal_error\",protocol=\"none\"} 1"), "{text}");
+        assert!(text.contains("reason=\"internal_error\",protocol=\"none\",rule=\"none\"} 1"), "{text}");
         assert!(text.contains("snigress_active_connections{listener=\"l\"} 0"), "{text}");
     }
 

@@ -101,6 +101,7 @@ impl Gateway {
         if let Some(not_after) = snapshot.certificate_expiry() {
             metrics.certificate_expiry(not_after);
         }
+        metrics.policy_entries(crate::policy::Policy::allow_labels(&config.policy));
         // A semaphore holds at most usize::MAX >> 3 permits; far above any fd limit.
         let max_connections = config.limits.max_connections.min(usize::MAX >> 3);
         Ok(Gateway {

@@ -317,6 +317,13 @@ impl Policy {
         audit || (self.audit && !enforce)
     }
 
+    /// Every allow entry, as `Match::label` writes it (the metrics' `rule`).
+    pub fn allow_labels(spec: &PolicySpec) -> Vec<String> {
+        let global = spec.allow.iter().map(ToString::to_string);
+        let rules = spec.rules.iter().flat_map(|r| r.allow.iter().map(move |p| format!("{}:{p}", r.name)));
+        global.chain(rules).collect()
+    }
+
     /// Every matching pattern, least specific first: for `snigress check`.
     pub fn explain(&self, name: &ServerName, principal: Option<&Principal>) -> Vec<Match> {
         let mut all = Vec::new();

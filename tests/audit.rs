@@ -21,6 +21,14 @@ async fn through_passthrough(h: &Harness, sni: &str) -> std::io::Result<Vec<u8>>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_mode_lets_refusals_through_and_records_them() {
     let mut h = Harness::start().await;
+    // The allow entries in force, as the connection counter's rule label names them.
+    let text = scrape(h.metrics_addr).await;
+    for rule in ["*.allowed.test", "default-team:*.team.test"] {
+        assert_eq!(sum(&text, "snigress_policy_allow_entry", &[("rule", rule)]), 1.0, "{rule}\n{text}");
+    }
+    through_passthrough(&h, "a.allowed.test").await.expect("allowed");
+    assert_eq!(h.record().await.matched_rule.as_deref(), Some("*.allowed.test"));
+    h.wait_metric("snigress_connections_total", &[("rule", "*.allowed.test"), ("decision", "allowed")], 1.0).await;
 
     // A rule in audit mode: its callers' refusals pass, others' do not.
     let text = h.config_with(&Options::default());

@@ -91,10 +91,13 @@ async fn counters_agree_with_the_access_log() {
             ("decision".to_owned(), r.decision.to_owned()),
             ("listener".to_owned(), r.listener.clone()),
             ("protocol".to_owned(), r.protocol.unwrap_or("none").to_owned()),
+            ("rule".to_owned(), r.matched_rule.clone().unwrap_or_else(|| "none".to_owned())),
             ("reason".to_owned(), r.reason.to_owned()),
             ("sni".to_owned(), sni_label(r)),
             ("source".to_owned(), source_label(r)),
         ];
+        let mut labels = labels;
+        labels.sort();
         *by_labels.entry(labels).or_default() += 1.0;
     }
     let mut scraped: HashMap<Vec<(String, String)>, f64> = HashMap::new();

@@ -148,6 +148,7 @@ impl Reloader {
         if let Some(not_after) = snapshot.certificate_expiry() {
             self.metrics.certificate_expiry(not_after);
         }
+        self.metrics.policy_entries(crate::policy::Policy::allow_labels(&config.policy));
         self.snapshot.store(Arc::new(snapshot));
         *running = Running { config, inputs };
         Ok(true)

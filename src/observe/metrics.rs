@@ -53,6 +53,7 @@ pub struct Metrics {
     alerts: Family<AlertLabels, Counter>,
     routed: Family<RouteLabels, Counter>,
     audited: Family<AuditLabels, Counter>,
+    entries: Family<EntryLabels, Gauge>,
     cert_expiry: Gauge,
     open_fds: Gauge,
     resident_memory: Gauge,
@@ -148,6 +149,9 @@ pub(crate) struct Outcome {
     pub response_flags: &'static str,
 }
 
+/// The `none` value of the `rule` label: no pattern decided.
+pub(crate) const NO_RULE: &str = "none";
+
 impl Metrics {
     #[cfg(test)]
     pub(crate) fn new(caps: Caps) -> Metrics {
@@ -228,6 +232,12 @@ impl Metrics {
                 r,
                 "routed_connections",
                 "Upstream connections opened by a route, by route (connections no route fitted are not counted)",
+                Family::default(),
+            ),
+            entries: register(
+                r,
+                "policy_allow_entry",
+                "1 for every allow entry of the policy in force, by the rule label the connection counter gives it",
                 Family::default(),
             ),
             audited: register(
@@ -384,7 +394,14 @@ impl Metrics {
     }
 
     /// Counts a connection that ended.
-    pub(crate) fn finished(&self, listener: &Arc<str>, key: &ConnectionKey, outcome: Outcome, lifetime: Duration) {
+    pub(crate) fn finished(
+        &self,
+        listener: &Arc<str>,
+        key: &ConnectionKey,
+        outcome: Outcome,
+        rule: Option<&str>,
+        lifetime: Duration,
+    ) {
         let Outcome { decision, reason, protocol, response_flags } = outcome;
         if let Some(istio) = &self.istio {
             istio.closed.get_or_create(&IstioLabels::of(key, response_flags)).inc();
@@ -397,6 +414,7 @@ impl Metrics {
             decision,
             reason,
             protocol,
+            rule: rule.unwrap_or(NO_RULE).into(),
         };
         self.connections.get_or_create(&labels).inc();
         self.duration
@@ -453,6 +471,16 @@ impl Metrics {
     /// config: bounded.)
     pub(crate) fn routed(&self, route: &str) {
         self.routed.get_or_create(&RouteLabels { route: route.to_owned() }).inc();
+    }
+
+    /// The allow entries of the policy in force (replacing the last set):
+    /// with the connection counter's `rule` label, the entries no
+    /// connection used.
+    pub(crate) fn policy_entries(&self, entries: impl IntoIterator<Item = String>) {
+        self.entries.clear();
+        for rule in entries {
+            self.entries.get_or_create(&EntryLabels { rule: rule.into() }).set(1);
+        }
     }
 
     /// A connection policy would have refused, let through in audit mode.
@@ -592,7 +620,7 @@ mod tests {
         let key = m.key(Some("a.example"), None, true, false);
         m.bytes(&key).add_from_client(5);
         let outcome = Outcome { decision: Decision::Allowed, reason: "allowed", protocol: "tls", response_flags: "-" };
-        m.finished(&"l".into(), &key, outcome, Duration::from_millis(3));
+        m.finished(&"l".into(), &key, outcome, None, Duration::from_millis(3));
         let text = m.prometheus_text(0);
         assert!(text.contains("# TYPE snigress_connections_total counter\n"), "{text}");
         assert!(text.contains("# HELP snigress_connections_total Connections ended"), "{text}");
@@ -624,7 +652,7 @@ mod tests {
                 let (decision, reason) =
                     if allowed { (Decision::Allowed, "allowed") } else { (Decision::Denied, "policy_denied") };
                 let outcome = Outcome { decision, reason, protocol: "tls", response_flags: "-" };
-                m.finished(&listener, &key, outcome, Duration::from_millis(1));
+                m.finished(&listener, &key, outcome, None, Duration::from_millis(1));
             }
         }
         let text = m.prometheus_text(0);

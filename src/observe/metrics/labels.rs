@@ -143,6 +143,14 @@ pub(super) struct ConnectionLabels {
     pub(super) reason: &'static str,
     /// The front: `tls`, `connect`, `http`, or `none` before one was chosen.
     pub(super) protocol: &'static str,
+    /// The pattern that decided (`rule-name:pattern` for a rule's), or
+    /// `none`: bounded by the patterns in the config.
+    pub(super) rule: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct EntryLabels {
+    pub(super) rule: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
