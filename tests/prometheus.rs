@@ -150,7 +150,9 @@ fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
     }
     let mut out = Vec::new();
     walk(dashboard, &mut out);
-    out.into_iter().map(|e| e.replace("$__rate_interval", "1m").replace("$__interval", "15s")).collect()
+    out.into_iter()
+        .map(|e| e.replace("$__rate_interval", "1m").replace("$__interval", "15s").replace("$__range", "1h"))
+        .collect()
 }
 
 #[derive(serde::Deserialize)]
