@@ -86,3 +86,34 @@ fn limit_settings_are_checked() {
         assert!(e.to_string().contains(wanted), "{extra}: {e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_header_identity_is_held_to_its_limit_too() {
+    use tokio::net::TcpStream;
+    let sections = "limits:\n  max_connections_per_identity: 1\n".to_owned();
+    let listeners = "  - name: ambient\n    address: 127.0.0.1:0\n    mode: passthrough\n    upstream_port: {echo}\n    proxy_protocol: {versions: [v2], trusted_sources: [127.0.0.0/8], identity: istio_tlv}\n".to_owned();
+    let mut h = Harness::with(Options { sections, listeners, ..Options::default() }).await;
+    let header = |id: &str| {
+        let (app, vip) = ("10.1.2.3:40000".parse().expect("address"), "240.240.0.1:443".parse().expect("address"));
+        snigress::arrive::proxy::testing::ztunnel(app, vip, Some(id))
+    };
+    let mut first = TcpStream::connect(h.addr("ambient")).await.expect("connect");
+    first.write_all(&header(SLEEP)).await.expect("header");
+    let mut tls = h.inner(first, "a.allowed.test").await.expect("the first connection");
+    tls.write_all(b"x").await.expect("write");
+    tls.read_exact(&mut [0u8; 1]).await.expect("echo");
+
+    let mut second = TcpStream::connect(h.addr("ambient")).await.expect("connect");
+    second.write_all(&header(SLEEP)).await.expect("header");
+    let e = h.inner(second, "a.allowed.test").await.expect_err("over the limit");
+    assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+    let r = h.record().await;
+    assert_eq!((r.reason, r.arrival, r.principal.as_deref()), ("identity_limit", "proxy_v2", Some(SLEEP)));
+
+    let mut other = TcpStream::connect(h.addr("ambient")).await.expect("connect");
+    other.write_all(&header(OTHER_APP)).await.expect("header");
+    let tls_other = h.inner(other, "a.allowed.test").await.expect("another identity");
+    exchange(tls_other, b"o").await.expect("exchange");
+    assert_eq!(h.record().await.reason, "allowed");
+    drop(tls);
+}
