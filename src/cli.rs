@@ -11,9 +11,11 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "SNI-routing egress gateway for service meshes",
     long_about = "SNI-routing egress gateway for service meshes.\n\n\
         Terminates the mesh's outer mTLS (or takes TLS directly on passthrough listeners), \
-        reads the application's own ClientHello, checks its SNI against the policy, resolves \
-        and vets the addresses, connects, and splices both ways. One JSON access record per \
-        connection goes to stdout (or access_log.path); diagnostics go to stderr.\n\n\
+        reads the application's own ClientHello (or an HTTP CONNECT or plain-HTTP request: \
+        listeners[].protocol), checks the name against the policy, resolves and vets the \
+        addresses, connects (directly, or as a route says), and splices both ways. One JSON \
+        access record per connection goes to stdout (or access_log.path); diagnostics go to \
+        stderr.\n\n\
         Exit codes: 0 success, 1 runtime failure (e.g. cannot bind), 2 bad arguments, \
         64 invalid configuration, 130/143 when a second SIGINT/SIGTERM cut the drain short."
 )]
