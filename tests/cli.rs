@@ -595,3 +595,24 @@ fn policy_diff_reports_what_a_change_would_deny_with_its_exit_code() {
     let bad = write(dir.path(), "bad.yaml", "listeners: []\n");
     assert_eq!(snigress(&["policy", "diff", "--config", &bad, "--access-log", &log]).status.code(), Some(64));
 }
+
+#[test]
+fn policy_suggest_keeps_rule_names_unique_across_trust_domains() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = write(
+        dir.path(),
+        "two.log",
+        "{\"sni\":\"a.example.com\",\"principal\":\"spiffe://cluster.local/ns/x/sa/y\",\"decision\":\"allowed\",\"reason\":\"allowed\"}\n\
+         {\"sni\":\"b.example.com\",\"principal\":\"spiffe://other.td/ns/x/sa/y\",\"decision\":\"allowed\",\"reason\":\"allowed\"}\n",
+    );
+    let out = snigress(&["policy", "suggest", "--access-log", &log, "--per-identity"]);
+    let yaml = text(&out.stdout);
+    assert!(yaml.contains("- name: x-y\n") && yaml.contains("- name: x-y-1\n"), "{yaml}");
+    let config = write(
+        dir.path(),
+        "s.yaml",
+        &format!("listeners:\n  - {{name: l, address: 127.0.0.1:0, mode: passthrough}}\n{yaml}"),
+    );
+    let check = snigress(&["check", "--config", &config]);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+}

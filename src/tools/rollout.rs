@@ -152,15 +152,21 @@ pub fn suggest(paths: &[PathBuf], options: &SuggestOptions) -> Result<String, St
         let _ = writeln!(out, "    {line}");
     }
     let mut rules = String::new();
+    let mut used = BTreeSet::new();
     for (i, (who, names)) in seen.iter().enumerate() {
         let entries = fold(names, options);
         if entries.is_empty() {
             continue;
         }
-        let name = Principal::parse(who)
+        let mut name = Principal::parse(who)
             .ok()
             .and_then(|p| Some(format!("{}-{}", p.namespace()?, p.service_account()?)))
             .unwrap_or_else(|| format!("caller-{i}"));
+        // The same namespace and account in two trust domains: names stay unique.
+        if !used.insert(name.clone()) {
+            name = format!("{name}-{i}");
+            used.insert(name.clone());
+        }
         let _ = writeln!(rules, "    - name: {name}\n      principals: [\"{who}\"]\n      allow:");
         for line in entries {
             let _ = writeln!(rules, "        {line}");
