@@ -107,7 +107,7 @@ struct Facts {
     /// Detail of how an allowed connection ended, when it says more than
     /// the termination (a plain-HTTP request that was not forwarded).
     note: Option<String>,
-    matched_rule: Option<String>,
+    matched_rule: Option<Arc<str>>,
     upstream_addr: Option<SocketAddr>,
     /// The route taken, when one fitted.
     route: Option<String>,
@@ -256,7 +256,7 @@ impl Recorder {
         let elapsed = self.started.1.elapsed();
         let protocol = facts.protocol.map_or("none", Protocol::as_str);
         let outcome = Outcome { decision, reason, protocol, response_flags: flags };
-        metrics.finished(&self.listener.name, &key, outcome, facts.matched_rule.as_deref(), elapsed);
+        metrics.finished(&self.listener.name, &key, outcome, facts.matched_rule.as_ref(), elapsed);
         let principal = facts.principal.as_ref();
         let record = Record {
             start_time: rfc3339(self.started.0),
@@ -279,7 +279,7 @@ impl Recorder {
             decision: decision.as_str(),
             reason,
             side,
-            matched_rule: facts.matched_rule.take(),
+            matched_rule: facts.matched_rule.take().map(|m| m.to_string()),
             upstream_addr: facts.upstream_addr,
             route: facts.route.take(),
             audit: facts.audit.map(|_| "would_deny"),
@@ -350,7 +350,9 @@ impl Pipeline<'_> {
     /// Returns with the client's own bytes next on the socket.
     async fn arrive_tcp(&self, tcp: &mut TcpStream, facts: &mut Facts) -> Result<(), ConnError> {
         let listener = self.listener;
-        facts.local_addr = tcp.local_addr().ok();
+        if self.snapshot.routes.announce() {
+            facts.local_addr = tcp.local_addr().ok();
+        }
         if listener.config.proxy_protocol.is_some() && !listener.trusts_proxy(self.peer.ip()) {
             // Never parsed: a header from anyone else would be a lie.
             return Err(ArrivalError::UntrustedProxy(self.peer.ip()).into());
@@ -438,7 +440,8 @@ impl Pipeline<'_> {
                 let timeouts = &self.snapshot.timeouts;
                 let idle = IdleTimeouts { open: timeouts.idle, half_closed: timeouts.half_close };
                 if let Some((requests, stop)) = http {
-                    return self.relay_requests(client, upstream, replay, requests, stop, facts).await;
+                    let guarded = Guarded::new(client, requests, stop);
+                    return self.relay_requests(guarded, upstream, replay, idle, facts).await;
                 }
                 let ended = match client.plain_tcp() {
                     Some(tcp) => Box::pin(splice::splice(tcp, &upstream, replay, idle, self.transfer)).await,
@@ -471,16 +474,12 @@ impl Pipeline<'_> {
     /// answered, after the responses before it.
     async fn relay_requests<S: ClientStream>(
         &self,
-        client: S,
+        mut guarded: Guarded<S>,
         mut upstream: TcpStream,
         replay: Vec<u8>,
-        requests: Requests,
-        stop: Option<plain::Stop>,
+        idle: IdleTimeouts,
         facts: &mut Facts,
     ) -> Termination {
-        let timeouts = &self.snapshot.timeouts;
-        let idle = IdleTimeouts { open: timeouts.idle, half_closed: timeouts.half_close };
-        let mut guarded = Guarded::new(client, requests, stop);
         let ended = copy::copy(&mut guarded, &mut upstream, replay, idle, self.transfer).await;
         let Some((stop, written)) = guarded.stopped() else { return ended.into() };
         let answered = written.is_some();
@@ -523,14 +522,13 @@ impl Pipeline<'_> {
         }
         let timeout = self.snapshot.timeouts.client_hello;
         let deadline = tokio::time::Instant::now() + timeout;
-        let first = crate::front::read_more(client, read, 2048, deadline).await.map_err(|short| {
+        crate::front::read_more(client, read, 2048, deadline).await.map_err(|short| {
             ConnError::Hello(match short {
                 Short::Closed => tls::ReadError::Closed { received: 0 },
                 Short::Io(e) => tls::ReadError::Io(e),
                 Short::Timeout => tls::ReadError::Timeout { after: timeout, received: 0 },
             })
-        });
-        first?;
+        })?;
         self.transfer.add_from_client(read.len());
         protocols.for_first_byte(read[0]).ok_or(ConnError::UnknownProtocol(read[0]))
     }
@@ -576,7 +574,8 @@ impl Pipeline<'_> {
         self.transfer.add_from_client(read.len() - before);
         let head = head?;
         let connect = head.method == "CONNECT";
-        if !(if connect { protocols.connect } else { protocols.http }) {
+        let served = if connect { protocols.connect } else { protocols.http };
+        if !served {
             return Err(HeadReadError::from(HttpError::Method(head.method)).into());
         }
         if connect {
@@ -652,7 +651,6 @@ impl Pipeline<'_> {
         addr: SocketAddr,
         facts: &mut Facts,
     ) -> Result<Ready, ConnError> {
-        facts.original_dst = Some(addr);
         let ip = self
             .snapshot
             .resolver
@@ -660,25 +658,17 @@ impl Pipeline<'_> {
             .vetting
             .vet(addr.ip())
             .map_err(|why| ConnError::Resolve(ResolveError::AllRefused(vec![(addr.ip(), why)])))?;
+        let addr = SocketAddr::new(ip, addr.port());
+        facts.original_dst = Some(addr);
         self.established(client, facts).await?;
         let mut replay = read.split_off(head.len);
         let hello = self.tunnel_hello(client, &mut replay, facts).await?;
         let raw = hello.server_name.as_deref().ok_or(ConnError::NoSni)?;
         let name = ServerName::from_bytes(raw).inspect_err(|_| facts.sni = Some(printable(raw)))?;
         facts.sni = Some(name.to_string());
-        let destination =
-            Destination { name, port: addr.port(), identity: facts.principal.clone(), original: Some(addr) };
-        self.authorize(&destination, hello.ech, facts)?;
-        self.pending.settle();
-        let resolved = self.resolve(&destination.name).await?;
-        if !resolved.contains(&ip) {
-            return Err(ConnError::DestinationMismatch {
-                name: destination.name.to_string(),
-                original: Some(addr),
-                resolved,
-            });
-        }
-        let upstream = self.leave(&destination, Some(ip), facts).await?;
+        let identity = facts.principal.clone();
+        let destination = Destination { name, port: addr.port(), identity, original: Some(addr), strict: true };
+        let upstream = self.reach(&destination, hello.ech, facts).await?;
         Ok(Ready { upstream, replay, http: None })
     }
 
@@ -725,7 +715,8 @@ impl Pipeline<'_> {
             (Some(_), Some(original)) => original.port(),
             _ => port,
         };
-        Destination { name, port, identity: facts.principal.clone(), original: facts.original_dst }
+        let strict = self.listener.config.verify_destination == VerifyDestination::Strict;
+        Destination { name, port, identity: facts.principal.clone(), original: facts.original_dst, strict }
     }
 
     /// From a destination to an open upstream connection: policy, then
@@ -734,19 +725,15 @@ impl Pipeline<'_> {
         self.admit_identity(destination, facts)?;
         self.authorize(destination, ech, facts)?;
         self.pending.settle();
-        self.leave(destination, None, facts).await
+        self.leave(destination, facts).await
     }
 
     /// The route stage: the first route that fits says how an allowed
     /// connection leaves; without one, or on a direct route, the
-    /// destination's resolved and vetted addresses (or `fixed`, an address
-    /// already checked) are dialled.
-    async fn leave(
-        &self,
-        destination: &Destination,
-        fixed: Option<std::net::IpAddr>,
-        facts: &mut Facts,
-    ) -> Result<TcpStream, ConnError> {
+    /// destination's resolved, vetted (and, when strict, verified)
+    /// addresses are dialled. A next hop or an upstream proxy is handed the
+    /// name, and dials it itself.
+    async fn leave(&self, destination: &Destination, facts: &mut Facts) -> Result<TcpStream, ConnError> {
         let source = facts.client_addr.unwrap_or(self.peer);
         let by = route::Facts {
             name: &destination.name,
@@ -788,22 +775,10 @@ impl Pipeline<'_> {
                 }
                 upstream
             }
-            direct => {
-                let (bind, freebind) = match direct {
-                    Some(route::Action::Direct { bind, freebind }) => (*bind, *freebind),
-                    _ => (None, false),
-                };
-                let addrs = match fixed {
-                    Some(ip) => vec![ip],
-                    None => {
-                        let addrs = self.resolve(&destination.name).await?;
-                        self.verify(destination, addrs)?
-                    }
-                };
-                let addrs: Vec<SocketAddr> =
-                    addrs.into_iter().map(|ip| SocketAddr::new(ip, destination.port)).collect();
-                self.connect(&addrs, Dial { mark, bind, freebind }, facts).await?
+            Some(route::Action::Direct { bind, freebind }) => {
+                self.direct(destination, Dial { mark, bind: *bind, freebind: *freebind }, facts).await?
             }
+            None => self.direct(destination, Dial { mark, ..Dial::default() }, facts).await?,
         };
         if let Some(route) = route {
             self.metrics.routed(&route.name);
@@ -811,21 +786,29 @@ impl Pipeline<'_> {
         Ok(upstream)
     }
 
+    /// Dials the destination's own addresses.
+    async fn direct(&self, destination: &Destination, dial: Dial, facts: &mut Facts) -> Result<TcpStream, ConnError> {
+        let addrs = self.resolve(&destination.name).await?;
+        let addrs = self.verify(destination, addrs)?;
+        let addrs: Vec<SocketAddr> = addrs.into_iter().map(|ip| SocketAddr::new(ip, destination.port)).collect();
+        self.connect(&addrs, dial, facts).await
+    }
+
     /// A route's next hops, in order: IP literals as written, names
     /// resolved; every address vetted as a destination's is, except for the
     /// route's own `allow_cidrs` (a next hop is often inside).
     async fn hops(&self, hops: &[route::Hop], allow_cidrs: &[ipnet::IpNet]) -> Result<Vec<SocketAddr>, ConnError> {
         let vetting = &self.snapshot.resolver.settings().vetting;
-        let excepted = |ip: std::net::IpAddr, why: &str| {
-            why != "deny_cidrs" && allow_cidrs.iter().any(|n| n.contains(&ip.to_canonical()))
+        // Addresses vetting refused that the route's exceptions admit.
+        let excepted = |refused: &[(std::net::IpAddr, &str)]| -> Vec<std::net::IpAddr> {
+            refused.iter().filter_map(|(ip, _)| vetting.vet_excepting(*ip, allow_cidrs).ok()).collect()
         };
         let mut addrs = Vec::new();
         let mut failed = None;
         for hop in hops {
             let ips = match &hop.host {
-                route::HopHost::Ip(ip) => match vetting.vet(*ip) {
+                route::HopHost::Ip(ip) => match vetting.vet_excepting(*ip, allow_cidrs) {
                     Ok(ip) => vec![ip],
-                    Err(why) if excepted(*ip, why) => vec![*ip],
                     Err(why) => {
                         failed = Some(ResolveError::AllRefused(vec![(*ip, why)]));
                         continue;
@@ -834,12 +817,11 @@ impl Pipeline<'_> {
                 route::HopHost::Name(name) => match self.snapshot.resolver.resolve(name).await {
                     Ok(r) => {
                         let mut ips = r.addrs.clone();
-                        ips.extend(r.refused.iter().filter(|(ip, why)| excepted(*ip, why)).map(|(ip, _)| *ip));
+                        ips.extend(excepted(&r.refused));
                         ips
                     }
                     Err(ResolveError::AllRefused(refused)) => {
-                        let ips: Vec<_> =
-                            refused.iter().filter(|(ip, why)| excepted(*ip, why)).map(|(ip, _)| *ip).collect();
+                        let ips = excepted(&refused);
                         if ips.is_empty() {
                             failed = Some(ResolveError::AllRefused(refused));
                         }
@@ -885,11 +867,11 @@ impl Pipeline<'_> {
         facts.key = Some(key);
         let refusal = match verdict {
             Verdict::Allowed(m) => {
-                facts.matched_rule = Some(m.label());
+                facts.matched_rule = Some(m.label.clone());
                 None
             }
             Verdict::Denied(m) => {
-                facts.matched_rule = Some(m.label());
+                facts.matched_rule = Some(m.label.clone());
                 Some(ConnError::Denied(Some(m)))
             }
             Verdict::NotAllowed => Some(ConnError::Denied(None)),
@@ -939,7 +921,7 @@ impl Pipeline<'_> {
         destination: &Destination,
         addrs: Vec<std::net::IpAddr>,
     ) -> Result<Vec<std::net::IpAddr>, ConnError> {
-        if self.listener.config.verify_destination == VerifyDestination::Off {
+        if !destination.strict {
             return Ok(addrs);
         }
         match destination.original {

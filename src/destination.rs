@@ -21,4 +21,7 @@ pub struct Destination {
     /// Where the client connected to, when the arrival knows: a PROXY
     /// header's destination, an intercepted connection's original one.
     pub original: Option<std::net::SocketAddr>,
+    /// The name must resolve to `original`, the only address dialled
+    /// directly (`verify_destination: strict`; a CONNECT to an address).
+    pub strict: bool,
 }

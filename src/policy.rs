@@ -182,16 +182,15 @@ pub struct Match {
     pub pattern: Arc<str>,
     /// The rule's name, or `None` for the global lists.
     pub rule: Option<Arc<str>>,
+    /// The form written to the access log's `matched_rule` and the metrics'
+    /// `rule`: the pattern, with the rule name in front when it came from a
+    /// per-identity rule. Made once, when the policy is compiled.
+    pub label: Arc<str>,
 }
 
 impl Match {
-    /// The form written to the access log's `matched_rule`: the pattern, with
-    /// the rule name in front when it came from a per-identity rule.
     pub fn label(&self) -> String {
-        match &self.rule {
-            None => self.pattern.to_string(),
-            Some(rule) => format!("{rule}:{}", self.pattern),
-        }
+        self.label.to_string()
     }
 }
 
@@ -210,6 +209,8 @@ struct Entry {
     /// Index into `Policy::rules`, or `None` for the global lists.
     rule: Option<usize>,
     pattern: Arc<str>,
+    /// `Match::label`.
+    label: Arc<str>,
 }
 
 #[derive(Debug, Default)]
@@ -255,7 +256,12 @@ impl Policy {
             for label in p.name.labels_rev() {
                 node = node.children.entry(label.into()).or_default();
             }
-            let entry = Entry { action, rule, pattern: p.to_string().into() };
+            let pattern: Arc<str> = p.to_string().into();
+            let label = match rule {
+                None => pattern.clone(),
+                Some(i) => format!("{}:{pattern}", self.rules[i].name).into(),
+            };
+            let entry = Entry { action, rule, pattern, label };
             if p.wildcard { &mut node.wildcard } else { &mut node.exact }.push(entry);
         }
     }
@@ -283,7 +289,12 @@ impl Policy {
     }
 
     fn to_match(&self, e: &Entry) -> Match {
-        Match { action: e.action, pattern: e.pattern.clone(), rule: e.rule.map(|i| self.rules[i].name.clone()) }
+        Match {
+            action: e.action,
+            pattern: e.pattern.clone(),
+            rule: e.rule.map(|i| self.rules[i].name.clone()),
+            label: e.label.clone(),
+        }
     }
 
     /// Decides for one name and caller. Deny wins; the reported pattern is the

@@ -192,6 +192,12 @@ impl RouteMatch {
 pub struct Routes(pub Vec<Route>);
 
 impl Routes {
+    /// Some route sends a PROXY header (which names where the client
+    /// connected: the accepted socket's own address is then needed).
+    pub fn announce(&self) -> bool {
+        self.0.iter().any(|r| matches!(r.action, Action::NextHop { proxy_protocol: Some(_), .. }))
+    }
+
     /// The first route that fits; `None`: direct, as without routes.
     pub fn pick(&self, c: &Facts<'_>) -> Option<&Route> {
         self.0.iter().find(|r| r.when.fits(c))

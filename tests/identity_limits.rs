@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_identity_is_held_to_its_limits_and_others_are_not() {
-    let sections = "limits:\n  max_connections_per_identity: 2\n  connection_rate_per_identity: {rate: 1/h, burst: 4}\nconnect:\n  allowed_ports: [{echo}]\n".to_owned();
+    let sections = "limits:\n  max_connections_per_identity: 2\n  connection_rate_per_identity: {rate: 1/h, burst: 4}\nconnect:\n  allowed_ports: [{echo}]\n  allow_ip_literals: true\n".to_owned();
     let listeners = "  - {name: mesh-proxy, address: 127.0.0.1:0, mode: mtls, protocol: connect}\n".to_owned();
     let mut h = Harness::with(Options { sections, listeners, ..Options::default() }).await;
 
@@ -64,6 +64,16 @@ async fn one_identity_is_held_to_its_limits_and_others_are_not() {
         answer.contains("Proxy-Status: snigress; error=connection_limit_reached; details=\"rate_limited\""),
         "{answer}"
     );
+    assert_eq!(h.record().await.reason, "rate_limited");
+
+    // A CONNECT to an address is decided after its 200, and held to the
+    // same limits.
+    let mut outer = h.outer("mesh-proxy", SLEEP, &[]).await.expect("outer");
+    outer.write_all(format!("CONNECT 127.0.0.1:{echo} HTTP/1.1\r\n\r\n").as_bytes()).await.expect("send");
+    let mut established = [0u8; 39];
+    outer.read_exact(&mut established).await.expect("200");
+    let e = h.inner(outer, "a.allowed.test").await.expect_err("no token left");
+    assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
     assert_eq!(h.record().await.reason, "rate_limited");
     drop(held);
 }

@@ -392,9 +392,7 @@ fn policy(raw: RawPolicy, ctx: &Ctx<'_>) -> Result<PolicySpec, ConfigError> {
         let r = r.value;
         let name = match &r.name {
             Some(n) => {
-                let ok =
-                    !n.value.is_empty() && n.value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
-                if !ok {
+                if !is_label_name(&n.value) {
                     return Err(ctx.at(
                         n,
                         format!("policy.rules[{i}].name: {:?} must be letters, digits, '-', '_', '.' or '/'", n.value),
@@ -431,6 +429,11 @@ fn policy(raw: RawPolicy, ctx: &Ctx<'_>) -> Result<PolicySpec, ConfigError> {
         rules,
         mode: raw.mode,
     })
+}
+
+/// A rule's or a route's name: it appears in logs and metric labels.
+fn is_label_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
 }
 
 /// A Kubernetes object name (RFC 1123 label: lower-case alphanumerics and '-').
@@ -696,8 +699,7 @@ fn routes(
         let r = r.value;
         let key = format!("routes[{i}]");
         let name = r.name.value.clone();
-        let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
-        if !ok {
+        if !is_label_name(&name) {
             return Err(ctx.at(&r.name, format!("{key}.name: {name:?} must be letters, digits, '-', '_', '.' or '/'")));
         }
         if !names.insert(name.clone()) {
@@ -721,36 +723,36 @@ fn routes(
             }
             m => m.map(|m| m.value),
         };
-        if let (Some(h), Some(_)) = (&r.http_proxy, &r.next_hop) {
-            return Err(ctx.at(h, format!("{key}: a route has one way out: next_hop or http_proxy, not both")));
+        let direct = r.next_hop.is_none() && r.http_proxy.is_none();
+        if let (Some(b), false) = (&r.bind, direct) {
+            return Err(ctx.at(b, format!("{key}.bind: bind is for direct routes, not next_hop or http_proxy ones")));
+        }
+        if let (Some(p), None) = (&r.proxy_protocol, &r.next_hop) {
+            return Err(ctx.at(p, format!("{key}.proxy_protocol: only a next_hop route announces the client")));
+        }
+        if let (Some(c), true) = (&r.allow_cidrs, direct) {
+            return Err(ctx.at(c, format!("{key}.allow_cidrs: exceptions for next hops; this route has none")));
         }
         if let (Some(f), None) = (&r.proxy_auth_file, &r.http_proxy) {
             return Err(ctx.at(f, format!("{key}.proxy_auth_file: credentials for an http_proxy; this route has none")));
         }
-        if let Some(proxy) = r.http_proxy {
-            if let Some(b) = &r.bind {
-                return Err(ctx.at(b, format!("{key}.bind: bind is for direct routes, not http_proxy ones")));
+        let allow_cidrs = r.allow_cidrs.map(|l| l.value.into_iter().map(|c| c.0.0).collect()).unwrap_or_default();
+        let action = match (r.next_hop, r.http_proxy) {
+            (Some(_), Some(h)) => {
+                return Err(ctx.at(&h, format!("{key}: a route has one way out: next_hop or http_proxy, not both")));
             }
-            if let Some(p) = &r.proxy_protocol {
-                return Err(ctx.at(p, format!("{key}.proxy_protocol: only a next_hop route announces the client")));
+            (None, Some(proxy)) => {
+                let hop = hop(&proxy.value).map_err(|e| ctx.at(&proxy, format!("{key}.http_proxy: {e}")))?;
+                let authorization = match &r.proxy_auth_file {
+                    None => None,
+                    Some(f) => Some(
+                        proxy_authorization(&ctx.path(&f.value))
+                            .map_err(|e| ctx.at(f, format!("{key}.proxy_auth_file: {e}")))?,
+                    ),
+                };
+                Action::HttpProxy { proxy: hop, authorization, allow_cidrs }
             }
-            let hop = hop(&proxy.value).map_err(|e| ctx.at(&proxy, format!("{key}.http_proxy: {e}")))?;
-            let authorization = match &r.proxy_auth_file {
-                None => None,
-                Some(f) => Some(
-                    proxy_authorization(&ctx.path(&f.value))
-                        .map_err(|e| ctx.at(f, format!("{key}.proxy_auth_file: {e}")))?,
-                ),
-            };
-            let allow_cidrs = r.allow_cidrs.map(|l| l.value.into_iter().map(|c| c.0.0).collect()).unwrap_or_default();
-            out.push(Route { name, when, action: Action::HttpProxy { proxy: hop, authorization, allow_cidrs }, mark });
-            continue;
-        }
-        let action = match r.next_hop {
-            Some(hops) => {
-                if let Some(b) = &r.bind {
-                    return Err(ctx.at(b, format!("{key}.bind: bind is for direct routes, not next_hop ones")));
-                }
+            (Some(hops), None) => {
                 if hops.value.0.is_empty() {
                     return Err(ctx.at(&hops, format!("{key}.next_hop: name at least one host:port")));
                 }
@@ -762,19 +764,9 @@ fn routes(
                     ProxyVersion::V1 => ProxyOut::V1,
                     ProxyVersion::V2 => ProxyOut::V2,
                 });
-                let allow_cidrs =
-                    r.allow_cidrs.map(|l| l.value.into_iter().map(|c| c.0.0).collect()).unwrap_or_default();
                 Action::NextHop { hops: parsed, proxy_protocol, allow_cidrs }
             }
-            None => {
-                if let Some(p) = &r.proxy_protocol {
-                    return Err(ctx.at(p, format!("{key}.proxy_protocol: only a next_hop route announces the client")));
-                }
-                if let Some(c) = &r.allow_cidrs {
-                    return Err(ctx.at(c, format!("{key}.allow_cidrs: exceptions for next hops; this route has none")));
-                }
-                Action::Direct { bind: r.bind.map(|b| b.value.0), freebind: r.freebind }
-            }
+            (None, None) => Action::Direct { bind: r.bind.map(|b| b.value.0), freebind: r.freebind },
         };
         out.push(Route { name, when, action, mark });
     }

@@ -213,6 +213,8 @@ impl Requests {
 pub struct Guarded<S> {
     inner: S,
     requests: Requests,
+    /// The read buffer, while the client sends.
+    scratch: Vec<u8>,
     /// Let through, not yet handed to the relay: `out[pos..]`.
     out: Vec<u8>,
     pos: usize,
@@ -224,7 +226,7 @@ pub struct Guarded<S> {
 impl<S> Guarded<S> {
     /// `stop`: where following what came with the first request stopped.
     pub fn new(inner: S, requests: Requests, stop: Option<Stop>) -> Guarded<S> {
-        Guarded { inner, requests, out: Vec::new(), pos: 0, stop, answer: None }
+        Guarded { inner, requests, scratch: Vec::new(), out: Vec::new(), pos: 0, stop, answer: None }
     }
 
     /// Why the client's stream was ended early, and the answer's size once
@@ -263,15 +265,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                 // End of the client's stream, as far as the upstream knows.
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = vec![0u8; READ_CHUNK];
-            let mut read = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
-            if read.filled().is_empty() {
-                return Poll::Ready(Ok(()));
+            // Held while bytes flow; given back when the client goes quiet.
+            let mut scratch = std::mem::take(&mut this.scratch);
+            scratch.resize(READ_CHUNK, 0);
+            let mut read = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
             }
             let n = read.filled().len();
-            chunk.truncate(n);
-            this.follow(&chunk);
+            if n == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            this.follow(&scratch[..n]);
+            this.scratch = scratch;
         }
     }
 }

@@ -54,6 +54,8 @@ pub struct Metrics {
     routed: Family<RouteLabels, Counter>,
     audited: Family<AuditLabels, Counter>,
     entries: Family<EntryLabels, Gauge>,
+    /// [`NO_RULE`], shared by every connection no pattern decided.
+    no_rule: Arc<str>,
     cert_expiry: Gauge,
     open_fds: Gauge,
     resident_memory: Gauge,
@@ -240,6 +242,7 @@ impl Metrics {
                 "1 for every allow entry of the policy in force, by the rule label the connection counter gives it",
                 Family::default(),
             ),
+            no_rule: NO_RULE.into(),
             audited: register(
                 r,
                 "policy_audit",
@@ -399,7 +402,7 @@ impl Metrics {
         listener: &Arc<str>,
         key: &ConnectionKey,
         outcome: Outcome,
-        rule: Option<&str>,
+        rule: Option<&Arc<str>>,
         lifetime: Duration,
     ) {
         let Outcome { decision, reason, protocol, response_flags } = outcome;
@@ -414,7 +417,7 @@ impl Metrics {
             decision,
             reason,
             protocol,
-            rule: rule.unwrap_or(NO_RULE).into(),
+            rule: rule.unwrap_or(&self.no_rule).clone(),
         };
         self.connections.get_or_create(&labels).inc();
         self.duration

@@ -75,11 +75,17 @@ impl Vetting {
     /// IPv6 (mapped, NAT64 well-known prefix, 6to4) is judged by its IPv4
     /// address, so `::ffff:127.0.0.1` cannot slip past the loopback rule.
     pub fn vet(&self, ip: IpAddr) -> Result<IpAddr, &'static str> {
+        self.vet_excepting(ip, &[])
+    }
+
+    /// [`Vetting::vet`] with `extra` exceptions beside `allow_cidrs` (a
+    /// route's next hops); `deny_cidrs` still win.
+    pub fn vet_excepting(&self, ip: IpAddr, extra: &[IpNet]) -> Result<IpAddr, &'static str> {
         let ip = ip.to_canonical();
         if self.deny_cidrs.iter().any(|c| c.contains(&ip)) {
             return Err("deny_cidrs");
         }
-        if self.allow_cidrs.iter().any(|c| c.contains(&ip)) {
+        if self.allow_cidrs.iter().chain(extra).any(|c| c.contains(&ip)) {
             return Ok(ip);
         }
         if let Some((_, why)) = BLOCKED.iter().find(|(c, _)| c.contains(&ip)) {
