@@ -8,7 +8,9 @@
 #   SKIP_LOAD=1 IDLE_COUNTS=9000 bench/compare.sh   # idle memory only, added to bench/results.tsv
 #   BASELINE=/path/to/older/snigress bench/compare.sh  # also an earlier build, as "snigress-before"
 #
-# Every proxy does the same job with the same worker count (2): terminate
+# Every proxy does the same job with the same worker count (WORKERS, 1 by
+# default: tokio worker threads, nbthread, worker_processes, Squid workers;
+# sniproxy is single-threaded): terminate
 # the mesh mTLS (mtls targets) or take TLS directly (passthrough targets),
 # read the inner SNI, check it against *.allowed.test, resolve it through the
 # same DNS server (sniproxy: a static table, it cannot use a DNS port other
@@ -20,13 +22,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-5}
-CONCURRENCY=${CONCURRENCY:-16}
+WORKERS=${WORKERS:-1}
+CONCURRENCY=${CONCURRENCY:-64}
 BULK_BYTES=${BULK_BYTES:-1073741824}
-LATENCY_RATE=${LATENCY_RATE:-100}
-IDLE_COUNTS=${IDLE_COUNTS:-"2000 9000"}
+# The bulk row: BULK_BYTES shared by this many connections downloading at once.
+BULK_STREAMS=${BULK_STREAMS:-4}
+LATENCY_RATE=${LATENCY_RATE:-200}
+IDLE_COUNTS=${IDLE_COUNTS:-"2000"}
 # Concurrent bulk downloads through the passthrough listeners (BULK_BYTES
 # shared between them): the zero-copy relay's pipes under many streams.
-STREAM_COUNTS=${STREAM_COUNTS:-"1 64 200"}
+# (STREAM_COUNTS= skips them.)
+STREAM_COUNTS=${STREAM_COUNTS-"1 64 200"}
+# The runtime of each snigress process under test gets WORKERS threads.
+export TOKIO_WORKER_THREADS=$WORKERS
 BASELINE=${BASELINE:-}
 # Only these targets (names, space-separated), e.g. ONLY="snigress snigress-proxyv2";
 # results then go to RESULTS and REPORT instead of bench/results.{tsv,md}.
@@ -110,7 +118,7 @@ rules="  tcp-request inspect-delay 5s
   default_backend be"
 cat > "$work/haproxy.cfg" <<CFG
 global
-  nbthread 2
+  nbthread $WORKERS
   maxconn 9500
 defaults
   mode tcp
@@ -132,7 +140,7 @@ CFG
 
 cat > "$work/nginx.conf" <<CFG
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 2;
+worker_processes $WORKERS;
 worker_rlimit_nofile 20000;
 pid $work/nginx.pid;
 events { worker_connections 10000; }
@@ -181,7 +189,7 @@ mkdir -p "$work/squid" && chmod 777 "$work/squid"
 printf '127.0.0.1 bench.allowed.test\n' > "$work/squid/hosts"
 cat > "$work/squid.conf" <<CFG
 http_port 127.0.0.1:$SQ
-workers 2
+workers $WORKERS
 acl allowed_names dstdomain .allowed.test
 acl tunnel_ports port $UP
 acl CONNECT method CONNECT
@@ -276,7 +284,7 @@ each() { # mode targets -- callback
     done
 }
 rate_one() { measure rate "$1" "$2" "$3" "$4" "$5" rate "$3" "$DURATION" "$CONCURRENCY"; }
-bulk_one() { measure bulk "$1" "$2" "$3" "$4" "$5" bulk "$3" "$BULK_BYTES"; }
+bulk_one() { measure bulk "$1" "$2" "$3" "$4" "$5" bulk "$3" "$BULK_BYTES" "$BULK_STREAMS"; }
 latency_one() { measure latency "$1" "$2" "$3" "$4" "$5" latency "$3" "$DURATION" "$LATENCY_RATE"; }
 streams_one() { measure "streams-$STREAMS" "$1" "$2" "$3" "$4" "$5" bulk "$3" "$BULK_BYTES" "$STREAMS"; }
 
@@ -306,7 +314,8 @@ for run in $(seq "$RUNS"); do
 done
 
 # Memory per idle established connection: each count and mode measured on
-# freshly started proxies.
+# freshly started proxies, RUNS times.
+for idle_run in $(seq "$RUNS"); do
 for count in $IDLE_COUNTS; do
   for mode_targets in pt mtls connect; do
     stop_proxies
@@ -335,6 +344,8 @@ for count in $IDLE_COUNTS; do
     done
   done
 done
+done
 
-python3 bench/report.py "$results" "$(nproc)" "$RUNS" "$DURATION" "$CONCURRENCY" "$BULK_BYTES" "$LATENCY_RATE" > "$REPORT"
+python3 bench/report.py "$results" "$(nproc)" "$RUNS" "$DURATION" "$CONCURRENCY" "$BULK_BYTES" "$LATENCY_RATE" \
+    "$WORKERS" "$BULK_STREAMS" > "$REPORT"
 cat "$REPORT"

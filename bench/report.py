@@ -38,17 +38,18 @@ def ratio(a, b):
 
 
 def main():
-    path, cores, runs, duration, concurrency, bulk_bytes, rate = sys.argv[1:8]
+    path, cores, runs, duration, concurrency, bulk_bytes, rate, workers, bulk_streams = sys.argv[1:10]
     rows = load(path)
     out = []
     out.append("# Load comparison\n")
     out.append(
-        f"Machine: {cores} cores, loopback. {runs} runs per measurement, interleaved across targets; "
-        f"median and run-to-run spread (min..max). Connection rate: {concurrency} concurrent clients "
-        f"for {duration} s, each connection a full (outer mTLS +) inner TLS handshake, an 8-byte request "
-        f"and a 100-byte response. Bulk: one connection downloading {int(bulk_bytes) >> 20} MiB. Latency: "
+        f"Machine: {cores} cores, loopback; {workers} worker(s) per proxy. {runs} runs per measurement, "
+        f"interleaved across targets; median and run-to-run spread (min..max). Connection rate: "
+        f"{concurrency} concurrent clients (closed loop) for {duration} s, each connection a full (outer "
+        f"mTLS +) inner TLS handshake without resumption, an 8-byte request and a 100-byte response. "
+        f"Bulk: {bulk_streams} connections downloading {int(bulk_bytes) >> 20} MiB between them. Latency: "
         f"open loop at {rate} connections/s for {duration} s. CPU: the proxy's own process tree "
-        f"(user + system), from /proc.\n"
+        f"(user + system), from /proc. MB and GB are 10^6 and 10^9 bytes.\n"
     )
 
     present = {t for (_, _, t) in rows}
@@ -60,7 +61,7 @@ def main():
         if "snigress" not in targets:
             return
         out.append(f"\n## {mode}\n")
-        out.append("| target | conn/s | CPU ms/conn | MiB/s (bulk) | CPU s/GiB | p50 ms | p99 ms | added p99 ms |")
+        out.append("| target | conn/s | CPU µs/conn | MB/s (bulk) | CPU s/GB | p50 ms | p99 ms | added p99 ms |")
         out.append("|---|---|---|---|---|---|---|---|")
         direct_p99 = med([r["p99_ms"] for r, _ in rows.get(("latency", "passthrough", "direct"), [])])
         stats = {}
@@ -69,9 +70,9 @@ def main():
             bulk_rows = rows.get(("bulk", mode, t), [])
             lat_rows = rows.get(("latency", mode, t), [])
             cps = [r["per_second"] for r, _ in rate_rows]
-            cpu_conn = [ticks * 1000 / HZ / max(r["connections"], 1) for r, ticks in rate_rows]
-            mibs = [r["mib_per_second"] for r, _ in bulk_rows]
-            cpu_gib = [ticks / HZ / (r["bytes"] / 2**30) for r, ticks in bulk_rows]
+            cpu_conn = [ticks * 1e6 / HZ / max(r["connections"], 1) for r, ticks in rate_rows]
+            mibs = [r["mib_per_second"] * 1.048576 for r, _ in bulk_rows]
+            cpu_gib = [ticks / HZ / (r["bytes"] / 1e9) for r, ticks in bulk_rows]
             p50 = [r["p50_ms"] for r, _ in lat_rows]
             p99 = [r["p99_ms"] for r, _ in lat_rows]
             added = [p - direct_p99 for p in p99]
@@ -79,13 +80,13 @@ def main():
                             p99=med(p99), added=med(added))
             direct = t == "direct"
             out.append(
-                f"| {t} | {med(cps):.0f} ({spread(cps)}) | {'-' if direct else f'{med(cpu_conn):.3f} ({spread(cpu_conn)})'} "
+                f"| {t} | {med(cps):.0f} ({spread(cps)}) | {'-' if direct else f'{med(cpu_conn):.0f} ({spread(cpu_conn)})'} "
                 f"| {med(mibs):.0f} ({spread(mibs)}) | {'-' if direct else f'{med(cpu_gib):.2f} ({spread(cpu_gib)})'} "
                 f"| {med(p50):.2f} | {med(p99):.2f} ({spread(p99)}) | {'-' if direct else f'{med(added):.2f}'} |"
             )
         s = stats["snigress"]
         out.append("")
-        out.append("| snigress vs | conn/s | CPU per conn (lower is better) | throughput | CPU per GiB | added p99 |")
+        out.append("| snigress vs | conn/s | CPU per conn (lower is better) | throughput | CPU per GB | added p99 |")
         out.append("|---|---|---|---|---|---|")
         for t in [t for t in targets if t != "snigress"]:
             p = stats[t]
@@ -107,30 +108,33 @@ def main():
     if counts:
         out.append("\n## passthrough: concurrent bulk streams\n")
         out.append(f"{int(bulk_bytes) >> 20} MiB in all, shared by N connections downloading at once.\n")
-        out.append("| target | " + " | ".join(f"{n} streams: MiB/s, CPU s/GiB" for n in counts) + " |")
+        out.append("| target | " + " | ".join(f"{n} streams: MB/s, CPU s/GB" for n in counts) + " |")
         out.append("|---|" + "---|" * len(counts))
         targets = sorted({t for (sc, m, t) in rows if sc.startswith("streams-")}, key=lambda t: (t != "snigress", t))
         for t in targets:
             cells = []
             for n in counts:
                 items = rows.get((f"streams-{n}", "passthrough", t), [])
-                mibs = [r["mib_per_second"] for r, _ in items]
-                cpu = [ticks / HZ / (r["bytes"] / 2**30) for r, ticks in items]
+                mibs = [r["mib_per_second"] * 1.048576 for r, _ in items]
+                cpu = [ticks / HZ / (r["bytes"] / 1e9) for r, ticks in items]
                 cells.append(f"{med(mibs):.0f}, {'-' if t == 'direct' else f'{med(cpu):.2f} ({spread(cpu)})'}")
             out.append(f"| {t} | " + " | ".join(cells) + " |")
 
     out.append("\n## Memory per idle established connection\n")
-    out.append("| mode | target | connections held | RSS before (MiB) | RSS after (MiB) | bytes per connection |")
-    out.append("|---|---|---|---|---|---|")
+    out.append("RSS growth over the connections held, on a freshly started proxy each run.\n")
+    out.append("| mode | target | connections held | runs | KiB per connection |")
+    out.append("|---|---|---|---|---|")
+    idle = defaultdict(list)
     for (scenario, mode, target), items in sorted(rows.items()):
         if scenario != "idle":
             continue
         for r, _ in items:
-            per = (r["rss_after_kib"] - r["rss_before_kib"]) * 1024 / max(r["held"], 1)
-            out.append(
-                f"| {mode} | {target} | {r['held']} of {r['count']} | {r['rss_before_kib'] / 1024:.1f} "
-                f"| {r['rss_after_kib'] / 1024:.1f} | {per:.0f} |"
-            )
+            per = (r["rss_after_kib"] - r["rss_before_kib"]) / max(r["held"], 1)
+            idle[(mode, target, r["count"])].append((per, r["held"]))
+    for (mode, target, count), items in sorted(idle.items()):
+        per = [p for p, _ in items]
+        held = min(h for _, h in items)
+        out.append(f"| {mode} | {target} | {held} of {count} | {len(per)} | {med(per):.2f} ({spread(per)}) |")
     print("\n".join(out))
 
 

@@ -205,10 +205,15 @@ impl Client {
             }
             Ok(Arc::new(roots))
         };
-        let inner = ClientConfig::builder_with_provider(provider())
+        // Every handshake is a full one, as a Go client without a session
+        // cache does: resumption would let each proxy skip the costly part
+        // of its handshake on most connections (and the rate row measure
+        // the session caches rather than the handshakes).
+        let mut inner = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots(&dir.join("upstream-ca.pem"))?)
             .with_no_client_auth();
+        inner.resumption = rustls::client::Resumption::disabled();
         let outer = match mtls {
             None => None,
             Some(dir) => {
@@ -221,6 +226,7 @@ impl Client {
                     .with_root_certificates(roots(&dir.join(devcerts::CA_CERT))?)
                     .with_client_auth_cert(certs, key)?;
                 config.alpn_protocols = vec![b"istio-peer-exchange".to_vec(), b"istio".to_vec()];
+                config.resumption = rustls::client::Resumption::disabled();
                 Some(TlsConnector::from(Arc::new(config)))
             }
         };

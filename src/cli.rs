@@ -53,6 +53,13 @@ pub enum Command {
         /// The YAML config file (see config/snigress.yaml for every key).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Threads that serve connections. Default: TOKIO_WORKER_THREADS if
+        /// set, else the CPUs this process may use (its affinity mask and
+        /// cgroup CPU quota). With 1, every connection is served on one
+        /// thread with no cross-thread hand-offs (the cheapest per
+        /// connection when the pod has one CPU).
+        #[arg(long, env = "SNIGRESS_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        workers: Option<u16>,
     },
     /// Validate a config file; optionally show the decision for a name.
     ///

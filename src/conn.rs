@@ -439,13 +439,15 @@ impl Pipeline<'_> {
                     self.listener.upstream_ends.as_ref().and_then(|ends| Some(ends.hold(upstream.local_addr().ok()?)));
                 let timeouts = &self.snapshot.timeouts;
                 let idle = IdleTimeouts { open: timeouts.idle, half_closed: timeouts.half_close };
+                // Each relay boxed: a connection holds the state of the one it
+                // uses, not the largest of the three.
                 if let Some((requests, stop)) = http {
                     let guarded = Guarded::new(client, requests, stop);
-                    return self.relay_requests(guarded, upstream, replay, idle, facts).await;
+                    return Box::pin(self.relay_requests(guarded, upstream, replay, idle, facts)).await;
                 }
                 let ended = match client.plain_tcp() {
                     Some(tcp) => Box::pin(splice::splice(tcp, &upstream, replay, idle, self.transfer)).await,
-                    None => copy::copy(&mut client, &mut upstream, replay, idle, self.transfer).await,
+                    None => Box::pin(copy::copy(&mut client, &mut upstream, replay, idle, self.transfer)).await,
                 };
                 ended.into()
             }

@@ -37,9 +37,25 @@ fn main() -> ExitCode {
     code
 }
 
+/// The gateway's runtime: `workers` threads (see `run --workers`). One
+/// worker is a current-thread runtime: a connection's events are then
+/// handled where they arrive, with no work-stealing queues, no wake-ups of
+/// another thread and no atomics shared between workers.
+fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let from_env = || std::env::var("TOKIO_WORKER_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let cpus = || std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = workers.map(usize::from).or_else(from_env).filter(|&n| n > 0).unwrap_or_else(cpus);
+    tracing::info!(workers, "starting {workers} worker thread(s)");
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+    }
+}
+
 fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, workers } => run(&config, workers),
         Command::Check { config, sni, principal, source, listener, skip_cert_files } => {
             let at = check::At { source, listener: listener.as_deref() };
             check_cmd(&config, sni.as_deref(), principal.as_deref(), at, !skip_cert_files)
@@ -284,7 +300,7 @@ fn certs(out: &Path, clients: &[String], gateway_id: &str, server_names: Vec<Str
     }
 }
 
-fn run(path: &Path) -> ExitCode {
+fn run(path: &Path, workers: Option<u16>) -> ExitCode {
     let (text, config) = match load(path) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -309,7 +325,7 @@ fn run(path: &Path) -> ExitCode {
         }
     }
     raise_fd_limit(config.limits.max_connections);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime(workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

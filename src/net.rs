@@ -21,9 +21,31 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// TCP_NODELAY (the gateway relays whole TLS records; Nagle would only add
 /// latency) and keepalive. Failures are harmless and ignored.
 pub fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+    tune_socket(SockRef::from(stream));
+}
+
+fn tune_socket(socket: SockRef<'_>) {
+    let _ = socket.set_tcp_nodelay(true);
     let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_TIME).with_interval(KEEPALIVE_INTERVAL);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+}
+
+/// [`tune`] for a socket from [`listen`]'s listener. Linux copies a
+/// listener's TCP_NODELAY and keepalive settings to the sockets it accepts,
+/// which then need no call of their own (four system calls fewer per
+/// connection); the first accepted socket is checked once, and if the
+/// kernel did not copy them every socket is tuned by itself.
+pub fn tune_accepted(stream: &TcpStream) {
+    static INHERITED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let inherited = *INHERITED.get_or_init(|| {
+        let socket = SockRef::from(stream);
+        socket.tcp_nodelay().unwrap_or(false)
+            && socket.keepalive().unwrap_or(false)
+            && socket.tcp_keepalive_time().is_ok_and(|t| t == KEEPALIVE_TIME)
+    });
+    if !inherited {
+        tune(stream);
+    }
 }
 
 /// The local addresses of the gateway's own upstream connections while they
@@ -80,6 +102,8 @@ pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
             io::Error::new(e.kind(), format!("IP_TRANSPARENT (original_destination: tproxy needs CAP_NET_ADMIN): {e}"))
         })?;
     }
+    // Copied to every accepted socket (see `tune_accepted`).
+    tune_socket(SockRef::from(&socket));
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
@@ -186,5 +210,22 @@ mod tests {
         assert_eq!(b.after(&os(libc::EBADF)), Some(BACKOFF_MAX));
         b.reset();
         assert_eq!(b.after(&io::Error::other("unknown")), Some(BACKOFF_MIN));
+    }
+
+    /// What `tune_accepted` counts on: an accepted socket has the
+    /// listener's TCP_NODELAY and keepalive settings without a call of its own.
+    #[tokio::test]
+    async fn accepted_sockets_carry_the_listeners_tuning() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_client, (accepted, _)) = (client.unwrap(), accepted.unwrap());
+        let socket = SockRef::from(&accepted);
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_TIME);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        tune_accepted(&accepted);
+        assert!(socket.tcp_nodelay().unwrap());
     }
 }

@@ -616,3 +616,38 @@ fn policy_suggest_keeps_rule_names_unique_across_trust_domains() {
     let check = snigress(&["check", "--config", &config]);
     assert!(check.status.success(), "{}", text(&check.stderr));
 }
+
+/// `--workers 1` serves on one thread (a current-thread runtime) with the
+/// same behaviour; 0 is a usage error that names the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_serves_and_zero_workers_is_a_usage_error() {
+    let zero = snigress(&["run", "--config", "config/local.yaml", "--workers", "0"]);
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(text(&zero.stderr).contains("--workers"), "{}", text(&zero.stderr));
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "one.yaml",
+        "listeners:\n  - {name: pt, address: 127.0.0.1:0, mode: passthrough}\npolicy:\n  allow: [\"*.allowed.test\"]\nshutdown:\n  grace_period: 0s\n",
+    );
+    let running = Running::with_args(&["run", "--config", &config, "--workers", "1"]);
+    let started = json(&running.diag("worker"));
+    assert_eq!(started["fields"]["workers"], 1, "{started}");
+    let line = json(&running.diag("listening"));
+    let addr: SocketAddr = line["fields"]["address"].as_str().expect("address").parse().expect("socket address");
+    let internet = Internet::new();
+    within("a refusal on one worker", async {
+        for name in ["a.denied.test", "b.denied.test"] {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let e = inner_connect(tcp, name, internet.roots.clone()).await.expect_err("refused");
+            assert_eq!(alert_of(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+        }
+    })
+    .await;
+    for name in ["a.denied.test", "b.denied.test"] {
+        let record = json(&running.stdout.recv_timeout(PATIENCE).expect("access record"));
+        assert_eq!((record["sni"].as_str(), record["decision"].as_str()), (Some(name), Some("denied")));
+    }
+    assert!(running.stop().success());
+}

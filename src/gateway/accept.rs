@@ -151,7 +151,7 @@ pub(crate) async fn run(info: Arc<ListenerInfo>, listener: TcpListener, shared: 
             };
             Some(slot)
         };
-        crate::net::tune(&tcp);
+        crate::net::tune_accepted(&tcp);
         let ticket = shared.pending.admit(id, client_addr.ip());
         let (info, snapshot, process) = (info.clone(), shared.snapshot.load_full(), shared.process.clone());
         shared.tracker.spawn(async move {

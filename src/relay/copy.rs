@@ -19,11 +19,14 @@ use tokio::time::{Instant, Sleep};
 
 use super::{Ended, IdleTimeouts, Side, Transfer};
 
-/// Size of each direction's copy buffer: one full TLS record (16 KiB of
-/// payload plus its framing), so a record is moved in one read and one write.
+/// Size of each direction's copy buffer: four full TLS records of payload.
+/// Plaintext read from the upstream in one read becomes four full-size
+/// records of the outer layer (a buffer of one record plus its framing made
+/// a full record and a 512-byte one of every read), and bulk transfers take
+/// a quarter of the reads and writes.
 /// Allocated when a read is attempted and released when the source has
 /// nothing more for now, so idle connections cost no buffer memory.
-pub const BUF_SIZE: usize = 16 * 1024 + 512;
+pub const BUF_SIZE: usize = 4 * 16 * 1024;
 
 /// One direction of the copy.
 struct Half {

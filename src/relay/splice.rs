@@ -310,7 +310,8 @@ async fn pump(from: &TcpStream, to: &TcpStream, source: Side, progress: &Activit
         let burst = match Pipe::take() {
             Some(pipe) => {
                 // On an error the pipe may hold bytes: it is closed, not reused.
-                let burst = burst(from, to, &pipe, source, progress).await?;
+                // Boxed: an idle direction then holds only its readiness wait.
+                let burst = Box::pin(burst(from, to, &pipe, source, progress)).await?;
                 pipe.give();
                 burst
             }
