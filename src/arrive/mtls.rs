@@ -333,12 +333,15 @@ impl MeshTls {
         // the connection (rustls keeps only the DER).
         let leaf = conn.peer_certificates().and_then(|chain| chain.first()).ok_or(IdentityError::Missing)?;
         let peer = Peer { principal: spiffe_id(leaf)?, outer_sni: conn.server_name().map(str::to_owned) };
-        Ok((MeshStream(stream), peer))
+        Ok((MeshStream(Box::new(stream)), peer))
     }
 }
 
 /// The decrypted stream inside the outer layer: what the front reads.
-pub struct MeshStream(TlsStream<TcpStream>);
+/// (Boxed: the rustls connection is over a kilobyte, and the stages that
+/// hold the stream by value, and the futures that move it between them,
+/// then each hold a pointer instead of their own room for it.)
+pub struct MeshStream(Box<TlsStream<TcpStream>>);
 
 impl AsyncRead for MeshStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
