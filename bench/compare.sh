@@ -324,6 +324,9 @@ for count in $IDLE_COUNTS; do
     for t in $list; do
         IFS=: read -r name host port pid flag <<< "$t"
         [ -z "$pid" ] && continue
+        # The PROXY v2 listener lives in the process the plain passthrough
+        # target has just grown: its RSS growth would measure nothing.
+        [ "$flag" = p ] && continue
         mode=passthrough; extra=()
         [ "$flag" = m ] && { mode=mtls; extra=(--mtls "$PKI"); }
         [ "$flag" = p ] && extra=(--proxy-v2)
