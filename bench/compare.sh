@@ -315,7 +315,7 @@ done
 
 # Memory per idle established connection: each count and mode measured on
 # freshly started proxies, RUNS times.
-for idle_run in $(seq "$RUNS"); do
+for _ in $(seq "$RUNS"); do
 for count in $IDLE_COUNTS; do
   for mode_targets in pt mtls connect; do
     stop_proxies

@@ -1018,14 +1018,6 @@ mod tests {
         (process, rx, metrics)
     }
 
-    pub(super) fn process_for_sizes() -> (Process, tokio::sync::mpsc::UnboundedReceiver<Record>, Arc<Metrics>) {
-        process()
-    }
-
-    pub(super) fn listener_for_sizes() -> Arc<ListenerInfo> {
-        listener()
-    }
-
     fn listener() -> Arc<ListenerInfo> {
         let l = Listener {
             name: "l".into(),
@@ -1095,14 +1087,10 @@ mod tests {
         cut(&mut setting_up, ConnError::MaxLifetime);
         assert_eq!(setting_up.refusal.as_ref().map(ConnError::reason), Some("max_lifetime"));
     }
-}
-#[cfg(test)]
-mod sizes {
-    //! What an idle connection holds in its task and its boxed stages: a
-    //! guard against a change that makes every connection pay for the state
-    //! of a stage it is not in (docs/performance.md, idle memory).
-    use super::*;
 
+    /// What an idle connection holds in its task and its boxed stages: a
+    /// guard against a change that makes every connection pay for the state
+    /// of a stage it is not in (docs/performance.md, idle memory).
     #[tokio::test]
     async fn an_idle_connection_holds_only_the_state_of_its_own_stage() {
         let config = crate::config::Config::parse(
@@ -1112,16 +1100,16 @@ mod sizes {
         )
         .expect("config");
         let snapshot = Arc::new(Snapshot::build(&config, None).expect("snapshot"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let mut accepted = Vec::new();
         for _ in 0..3 {
-            let client = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
-            accepted.push((client, listener.accept().await.expect("accept")));
+            let client = TcpStream::connect(server.local_addr().expect("address")).await.expect("connect");
+            accepted.push((client, server.accept().await.expect("accept")));
         }
         let mut sockets = accepted.into_iter().map(|(_, (socket, peer))| (socket, peer));
-        let (process, _records, metrics) = tests::process_for_sizes();
+        let (process, _records, metrics) = process();
         let pending = Arc::new(crate::admission::Pending::new(10, metrics));
-        let info = tests::listener_for_sizes();
+        let info = listener();
         let (tcp, peer) = sockets.next().expect("socket");
         let task = handle(
             tcp,

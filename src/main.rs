@@ -42,9 +42,16 @@ fn main() -> ExitCode {
 /// handled where they arrive, with no work-stealing queues, no wake-ups of
 /// another thread and no atomics shared between workers.
 fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    let from_env = || std::env::var("TOKIO_WORKER_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let from_env = || {
+        let value = std::env::var("TOKIO_WORKER_THREADS").ok()?;
+        let n = value.trim().parse::<usize>().ok().filter(|&n| n > 0);
+        if n.is_none() {
+            tracing::warn!(value, "TOKIO_WORKER_THREADS is not a positive number; ignored");
+        }
+        n
+    };
     let cpus = || std::thread::available_parallelism().map_or(1, usize::from);
-    let workers = workers.map(usize::from).or_else(from_env).filter(|&n| n > 0).unwrap_or_else(cpus);
+    let workers = workers.map(usize::from).or_else(from_env).unwrap_or_else(cpus);
     tracing::info!(workers, "starting {workers} worker thread(s)");
     if workers == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
